@@ -1,0 +1,134 @@
+"""The one config system: typed pydantic models, filled from YAML files plus dotted overrides.
+
+Every config class derives from `Config`, which forbids unknown keys, so a typo is an error
+instead of a silently ignored setting. `load` merges a YAML file with `key.sub=value`
+overrides (values parsed as YAML, so `n=3`, `flag=true`, `xs=[1,2]` have their natural types)
+and turns any validation failure into a `ConfigError` naming the key and the value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+C = TypeVar("C", bound="Config")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the source, the key and the value."""
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, e.g. for logging as run parameters."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `tree` with each `a.b.c=value` set; unknown keys are left for validation."""
+    tree = _deepcopy(tree)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = tree
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                raise ConfigError(f"override {text!r}: {where} is a value ({child!r}), not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def _deepcopy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _deepcopy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_deepcopy(v) for v in tree]
+    return tree
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(tree).__name__}")
+    return tree
+
+
+def validate(cls: type[C], tree: dict[str, Any], source: str = "config") -> C:
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid config\n" + describe(exc)) from None
+
+
+def describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (value {err['input']!r})")
+        elif err["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: {err['msg']} (got {err['input']!r})")
+    return "\n".join(lines)
+
+
+def load(cls: type[C], path: str | Path | None = None, overrides: list[str] = (),
+         base: dict[str, Any] | None = None) -> C:
+    """Build a `cls` from `base` (defaults), then the YAML file at `path`, then `overrides`."""
+    tree = _deepcopy(base or {})
+    if path is not None:
+        tree = _merge(tree, read_yaml(path))
+    tree = apply_overrides(tree, list(overrides))
+    source = str(path) if path is not None else cls.__name__
+    if overrides:
+        source += " + overrides " + " ".join(overrides)
+    return validate(cls, tree, source)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out

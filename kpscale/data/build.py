@@ -1,0 +1,100 @@
+"""Build a dataset from a card: plan clips, write shards in parallel processes, write manifests.
+
+Every clip is a pure function of (card, split, spec), so the output is the same for any number
+of processes, and a build that was interrupted resumes: shards already on disk are complete
+(they are renamed into place only when whole) and are kept; only missing ones are written.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from kpscale.config import ConfigError
+from kpscale.data.card import DatasetCard
+from kpscale.data.shards import scan_shard, shard_name, write_manifest, write_shard
+from kpscale.data.sources import SOURCES
+
+log = logging.getLogger(__name__)
+CARD_FILE = "card.yaml"
+# Settings that change how a build runs, not what it writes.
+RUN_ONLY = {"workers"}
+
+
+def _claim(out: Path, card: DatasetCard) -> None:
+    """Record the card in `out`, or check that the dataset already there was built from it."""
+    path = out / CARD_FILE
+    wanted = {k: v for k, v in card.model_dump(mode="json").items() if k not in RUN_ONLY}
+    if path.exists():
+        found = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k not in RUN_ONLY}
+        if found != wanted:
+            keys = sorted(k for k in wanted.keys() | found.keys() if wanted.get(k) != found.get(k))
+            raise ConfigError(f"{out} holds a dataset built from another card (differs in {', '.join(keys)}); "
+                              "choose another --out or delete it")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(CARD_FILE + ".tmp")
+    tmp.write_text(card.to_yaml())
+    os.replace(tmp, path)
+
+
+def _write(card_json: str, root: str | None, split: str, specs: list, path: str) -> list[dict]:
+    torch.set_num_threads(1)  # one core per build process
+    card = DatasetCard.model_validate_json(card_json)
+    source = SOURCES[card.source]
+    clips = (source.make(card, root, split, spec) for spec in specs)
+    return write_shard(Path(path), clips, card.name, card.encoding)
+
+
+def build(card: DatasetCard, out: str | Path, root: str | Path | None = None, progress: bool = True) -> dict:
+    """Write the dataset described by `card` under `out`; returns a summary per split."""
+    out = Path(out)
+    _claim(out, card)
+    specs, skipped = SOURCES[card.source].plan(card, root)
+    jobs, rows = [], {split: [] for split in specs}
+    for split, split_specs in specs.items():
+        (out / split).mkdir(exist_ok=True)
+        for start in range(0, len(split_specs), card.clips_per_shard):
+            path = out / split / shard_name(start // card.clips_per_shard)
+            chunk = split_specs[start:start + card.clips_per_shard]
+            if path.exists():
+                rows[split] += scan_shard(path)
+            else:
+                jobs.append((split, chunk, path))
+    total = sum(len(s) for s in specs.values())
+    resumed = sum(len(r) for r in rows.values())
+    if resumed:
+        log.info("resuming: %d of %d clips already in %s", resumed, total, out)
+    workers = min(card.workers or os.cpu_count() or 1, max(len(jobs), 1))
+    log.info("building %s: %d clips in %d shards with %d processes", card.name, total - resumed, len(jobs), workers)
+    card_json = card.model_dump_json()
+    root = None if root is None else str(root)
+    with tqdm(total=total, initial=resumed, desc=f"building {card.name}", unit="clip", disable=not progress) as bar:
+        if workers == 1:
+            for split, chunk, path in jobs:
+                rows[split] += _write(card_json, root, split, chunk, str(path))
+                bar.update(len(chunk))
+        else:
+            ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
+            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                futures = {pool.submit(_write, card_json, root, split, chunk, str(path)): (split, len(chunk))
+                           for split, chunk, path in jobs}
+                for future in as_completed(futures):
+                    split, n = futures[future]
+                    rows[split] += future.result()
+                    bar.update(n)
+    summary = {}
+    for split, split_rows in rows.items():
+        split_rows.sort(key=lambda r: (r["shard"], r["index"]))
+        write_manifest(out / split, split_rows)
+        summary[split] = {"clips": len(split_rows), "shards": len({r["shard"] for r in split_rows}),
+                          "bytes": sum(r["bytes"] for r in split_rows)}
+    summary["skipped_inputs"] = skipped
+    return summary

@@ -1,0 +1,113 @@
+"""Dataset cards: what a dataset is (source, resolution, clip length, splits, seed, encoding).
+
+A card is a YAML file in `datasets/`; `python -m kpscale.data build CARD --out DIR k=v ...`
+validates it, overrides included, before any work starts, and writes the resolved card
+beside the shards so a dataset always says how it was made.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from kpscale.config import Config
+
+SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class Encoding(Config):
+    """H.264 settings. yuv444p keeps full-resolution chroma; yuv420p blends the colours of
+    small dots with the court (about 10 dB lower PSNR on basketball, docs/benchmarks.md).
+    NVDEC cannot decode H.264 4:4:4, so GPU decoding needs pixel_format=yuv420p."""
+
+    codec: str = "libx264"
+    pixel_format: Literal["yuv444p", "yuv420p"] = "yuv444p"
+    crf: int = Field(12, ge=0, le=51)
+    preset: str = "medium"
+
+
+class BasketballOptions(Config):
+    """Lengths are fractions of the court side, speeds fractions per frame."""
+
+    players: int = Field(5, ge=2, le=8)
+    player_radius: float = Field(0.045, gt=0, le=0.2)
+    ball_radius: float = Field(0.03, gt=0, le=0.2)
+    player_speed: float = Field(0.025, gt=0, le=0.2)
+    pass_speed: float = Field(0.07, gt=0, le=0.5)
+    hold_frames: tuple[int, int] = (4, 12)
+
+    @field_validator("hold_frames")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] <= v[1]:
+            raise ValueError("must be [min, max] with 1 <= min <= max")
+        return v
+
+
+class FolderOptions(Config):
+    """How `convert` turns a folder of videos into clips."""
+
+    fit: Literal["crop", "resize"] = "crop"  # crop: centre square then resize; resize: stretch
+    stride: int | None = Field(None, ge=1)  # frames between clip starts; None: clip_length
+    frame_step: int = Field(1, ge=1)  # keep every n-th frame (lowers the frame rate)
+    split_fractions: dict[str, float] = {"train": 0.9, "test": 0.1}
+    extensions: list[str] = ["mp4", "avi", "mkv", "webm", "mov"]
+    frame_extensions: list[str] = ["png", "jpg", "jpeg"]
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        _check_split_names(v)
+        if any(f < 0 for f in v.values()) or abs(sum(v.values()) - 1) > 1e-6:
+            raise ValueError(f"fractions must be >= 0 and sum to 1, got {v}")
+        return v
+
+
+def _check_split_names(splits: dict) -> None:
+    if not splits:
+        raise ValueError("needs at least one split")
+    for name in splits:
+        if not SPLIT_NAME.match(name):
+            raise ValueError(f"split name {name!r} must match {SPLIT_NAME.pattern}")
+
+
+class DatasetCard(Config):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    source: Literal["basketball", "folder"]
+    resolution: int = Field(64, ge=16, le=1024)
+    clip_length: int = Field(32, ge=2)
+    fps: float = Field(10.0, gt=0)  # folder: used for frame folders; videos keep their own
+    splits: dict[str, int] = {}  # clips per split, for generated sources
+    seed: int = 0
+    clips_per_shard: int = Field(100, ge=1)
+    workers: int = Field(0, ge=0)  # build processes; 0: one per CPU core
+    encoding: Encoding = Encoding()
+    basketball: BasketballOptions = BasketballOptions()
+    folder: FolderOptions = FolderOptions()
+
+    @field_validator("resolution")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError("must be even (H.264 needs even frame sizes)")
+        return v
+
+    @field_validator("splits")
+    @classmethod
+    def _counts(cls, v: dict[str, int]) -> dict[str, int]:
+        if v:
+            _check_split_names(v)
+        bad = {k: n for k, n in v.items() if n < 0}
+        if bad:
+            raise ValueError(f"clip counts must be >= 0, got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _splits_fit_source(self) -> DatasetCard:
+        if self.source == "folder" and self.splits:
+            raise ValueError("splits: a folder source splits by folder.split_fractions, not clip counts")
+        if self.source != "folder" and not self.splits:
+            raise ValueError(f"splits: source {self.source!r} needs clip counts, e.g. {{train: 1000}}")
+        return self

@@ -1,0 +1,339 @@
+"""Stream clips from WebDataset shards into a training process: [B, T, C, H, W] float batches.
+
+Splitting. Each epoch the shards are put in one order, the same on every rank (shuffled with
+seed + epoch), which lays all M samples on one line. Rank r takes a contiguous range of that
+line and DataLoader worker w a contiguous part of its rank's range; a range may start or end
+inside a shard, and the reader skips the samples outside it. So every sample is read exactly
+once per epoch. With `even=True` (training) each rank takes exactly floor(M / world) samples,
+dropping fewer than `world` samples per epoch (different ones each epoch); every rank's worker
+ranges then have the same sizes, hence the same number of batches, `len(loader)`. The loader
+yields exactly `len(loader)` batches whatever happens: when corrupt samples leave a rank short,
+it reads again from a new shuffle for the missing batches, so a collective step never waits on
+a rank that ran out. With `resample=True` shards are drawn at random with replacement instead.
+
+Corrupt data. An unreadable shard (missing, truncated tar) or sample (no mp4, undecodable mp4,
+bad npy) is logged with its shard and key, skipped and counted; `loader.skipped` holds the counts.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterator, Literal
+from urllib.parse import urlparse
+
+import fsspec
+import numpy as np
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from pydantic import Field, field_validator, model_validator
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from kpscale.config import Config
+from kpscale.data.shards import MANIFEST, SIDECARS, iter_tar, read_manifest
+from kpscale.data.video import decode_window
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Data that cannot be streamed; the message names the path."""
+
+
+class LoaderConfig(Config):
+    batch_size: int = Field(16, ge=1)
+    shuffle: bool = True
+    shuffle_buffer: int = Field(256, ge=0)  # samples held to shuffle across shards; 0: none
+    num_workers: int = Field(2, ge=0)  # DataLoader processes per rank; 0: read in the trainer
+    resample: bool = False  # draw shards with replacement (infinite stream cut into epochs)
+    epoch_samples: int | None = Field(None, ge=1)  # with resample: samples per rank per epoch
+    even: bool = True  # the same number of batches on every rank (needed by training)
+    drop_last: bool = True  # drop each worker's last partial batch
+    decode_device: Literal["cpu", "cuda"] = "cpu"  # cuda: NVDEC, needs yuv420p shards
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _cuda_in_main(self) -> LoaderConfig:
+        if self.decode_device == "cuda" and self.num_workers:
+            raise ValueError("decode_device=cuda decodes in the training process: set num_workers=0")
+        return self
+
+
+def _is_local(spec: str) -> bool:
+    return not spec.startswith("pipe:") and urlparse(spec).scheme in ("", "file")
+
+
+class DataConfig(LoaderConfig):
+    train: str | None = None  # shard folder, glob, manifest, brace list or URL (s3://, gs://, pipe:)
+    test: str | None = None
+
+    @field_validator("train", "test")
+    @classmethod
+    def _exists(cls, spec: str | None) -> str | None:
+        if spec and _is_local(spec) and "{" not in spec:
+            path = urlparse(spec).path if spec.startswith("file:") else spec
+            if not (Path(path).exists() or glob.glob(path)):
+                raise ValueError(f"no shards at {spec!r}: path does not exist")
+        return spec
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    url: str
+    count: int
+
+
+def open_url(url: str) -> IO[bytes]:
+    if url.startswith("pipe:"):
+        return wds.gopen(url, "rb")
+    if _is_local(url):
+        return open(urlparse(url).path if url.startswith("file:") else url, "rb")
+    return fsspec.open(url, "rb").open()  # s3://, gs://, ... with the matching fsspec package
+
+
+def _count(url: str) -> int:
+    with open_url(url) as f:
+        return sum(1 for _ in iter_tar(f))
+
+
+def _from_manifest(url: str, fs, path: str) -> list[ShardRef]:
+    with fs.open(path, "rb") as f:
+        table = read_manifest(f)
+    counts = Counter(table.column("shard").to_pylist())
+    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    return [ShardRef(f"{base}/{name}", n) for name, n in sorted(counts.items())]
+
+
+def resolve_shards(spec: str) -> list[ShardRef]:
+    """Shards and their sample counts for a folder, glob, manifest, brace list or URL.
+    Counts come from the split's manifest; without one each shard is read once to count."""
+    if spec.startswith("pipe:") or "{" in spec:
+        urls = list(braceexpand(spec))
+        refs = None
+    else:
+        fs, path = fsspec.core.url_to_fs(spec)
+        local = _is_local(spec)
+        name = (lambda p: p) if local else fs.unstrip_protocol
+        if path.endswith(".parquet"):
+            return _from_manifest(spec, fs, path)
+        if fs.isdir(path):
+            if fs.exists(f"{path}/{MANIFEST}"):
+                return _from_manifest(name(f"{path}/{MANIFEST}"), fs, f"{path}/{MANIFEST}")
+            urls = [name(p) for p in sorted(fs.glob(f"{path}/*.tar"))]
+        elif glob.has_magic(path):
+            urls = [name(p) for p in sorted(fs.glob(path))]
+        else:
+            urls = [name(path)] if fs.isfile(path) else []
+        refs = _manifest_counts(urls, fs)
+    if not urls:
+        raise DataError(f"no shards found at {spec!r}")
+    if refs is None:
+        log.warning("no manifest for %s: reading %d shards to count their samples", spec, len(urls))
+        refs = [ShardRef(u, _count(u)) for u in urls]
+    return refs
+
+
+def _manifest_counts(urls: list[str], fs) -> list[ShardRef] | None:
+    """Counts for shards that all sit in one folder with a manifest listing them."""
+    folders = {u.rsplit("/", 1)[0] for u in urls}
+    if len(folders) != 1:
+        return None
+    folder = folders.pop()
+    manifest = f"{folder}/{MANIFEST}"
+    if not fs.exists(fsspec.core.url_to_fs(manifest)[1]):
+        return None
+    listed = {Path(r.url).name: r.count for r in _from_manifest(manifest, fs, fsspec.core.url_to_fs(manifest)[1])}
+    if not all(Path(u).name in listed for u in urls):
+        return None
+    return [ShardRef(u, listed[Path(u).name]) for u in urls]
+
+
+def _part(lo: int, hi: int, parts: int, i: int) -> tuple[int, int]:
+    return lo + (hi - lo) * i // parts, lo + (hi - lo) * (i + 1) // parts
+
+
+def sample_range(total: int, rank: int, world: int, worker: int, workers: int, even: bool) -> tuple[int, int]:
+    """The [lo, hi) slice of the epoch's sample line read by (rank, worker)."""
+    if even:
+        per_rank = total // world
+        lo, hi = rank * per_rank, (rank + 1) * per_rank
+    else:
+        lo, hi = _part(0, total, world, rank)
+    return _part(lo, hi, workers, worker)
+
+
+def shard_order(shards: list[ShardRef], epoch: int, seed: int, shuffle: bool) -> list[ShardRef]:
+    if not shuffle:
+        return list(shards)
+    order = np.random.default_rng([seed, epoch]).permutation(len(shards))
+    return [shards[i] for i in order]
+
+
+def plan_pieces(shards: list[ShardRef], lo: int, hi: int) -> list[tuple[ShardRef, int, int]]:
+    """(shard, first, stop) sample-index pieces covering [lo, hi) of the shards laid end to end."""
+    pieces, offset = [], 0
+    for ref in shards:
+        first, stop = max(lo - offset, 0), min(hi - offset, ref.count)
+        if first < stop:
+            pieces.append((ref, first, stop))
+        offset += ref.count
+    return pieces
+
+
+def _decode(key: str, parts: dict[str, bytes], window: int | None, rng, device: str) -> dict:
+    if "mp4" not in parts:
+        raise DataError("sample has no mp4")
+    video, start = decode_window(parts["mp4"], window, rng, device)
+    sample = {"key": key, "start": start, "video": video.float().div_(255)}
+    for name in SIDECARS:
+        if f"{name}.npy" in parts:
+            array = np.load(io.BytesIO(parts[f"{name}.npy"]), allow_pickle=False)
+            if array.shape[0] < start + len(video):
+                raise DataError(f"{name}.npy has {array.shape[0]} steps, the video more")
+            sample[name] = torch.from_numpy(np.asarray(array[start:start + len(video)], np.float32))
+    meta = json.loads(parts["json"]) if "json" in parts else {}
+    sample["label"] = str(meta.get("label", ""))
+    return sample
+
+
+def collate(samples: list[dict]) -> dict:
+    batch = {"key": [s["key"] for s in samples], "label": [s["label"] for s in samples],
+             "start": torch.tensor([s["start"] for s in samples])}
+    for name in ("video", *SIDECARS):
+        if all(name in s for s in samples):
+            batch[name] = torch.stack([s[name] for s in samples])
+    return batch
+
+
+class ClipStream(IterableDataset):
+    """One rank's share of an epoch, split again across DataLoader workers; yields batches."""
+
+    def __init__(self, shards: list[ShardRef], cfg: LoaderConfig, window: int | None,
+                 rank: int, world: int, epoch: int, attempt: int = 0):
+        self.shards, self.cfg, self.window = shards, cfg, window
+        self.rank, self.world, self.epoch, self.attempt = rank, world, epoch, attempt
+
+    def _raw(self, rng, worker: int, workers: int) -> Iterator[tuple[str, str, dict]]:
+        if self.cfg.resample:
+            while True:
+                ref = self.shards[rng.integers(len(self.shards))]
+                yield from self._read(ref, 0, ref.count)
+        order = shard_order(self.shards, self.epoch, self.cfg.seed, self.cfg.shuffle)
+        lo, hi = sample_range(sum(r.count for r in order), self.rank, self.world, worker, workers, self.cfg.even)
+        for ref, first, stop in plan_pieces(order, lo, hi):
+            yield from self._read(ref, first, stop)
+
+    def _read(self, ref: ShardRef, first: int, stop: int) -> Iterator[tuple[str, str, dict]]:
+        try:
+            with open_url(ref.url) as f:
+                for i, (key, parts) in enumerate(iter_tar(f)):
+                    if i >= stop:
+                        return
+                    if i >= first:
+                        yield ref.url, key, parts
+        except (OSError, tarfile.TarError, EOFError) as exc:
+            log.warning("skipping the rest of shard %s: %s", ref.url, exc)
+            self.skipped["shards"] += 1
+
+    def _shuffled(self, raw, rng) -> Iterator[tuple[str, str, dict]]:
+        size = self.cfg.shuffle_buffer if self.cfg.shuffle else 0
+        buffer = []
+        for item in raw:
+            buffer.append(item)
+            if len(buffer) > size:
+                yield buffer.pop(rng.integers(len(buffer)))
+        while buffer:
+            yield buffer.pop(rng.integers(len(buffer)))
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, self.attempt, self.rank, worker])
+        self.skipped = Counter()
+        reported = Counter()
+        batch = []
+        for url, key, parts in self._shuffled(self._raw(rng, worker, workers), rng):
+            try:
+                batch.append(_decode(key, parts, self.window, rng, self.cfg.decode_device))
+            except Exception as exc:
+                log.warning("skipping sample %s in shard %s: %s", key, url, exc)
+                self.skipped["samples"] += 1
+                continue
+            if len(batch) == self.cfg.batch_size:
+                yield {**collate(batch), "skipped": dict(self.skipped - reported)}
+                reported, batch = Counter(self.skipped), []
+        if batch and not self.cfg.drop_last:
+            yield {**collate(batch), "skipped": dict(self.skipped - reported)}
+            reported = Counter(self.skipped)
+        if self.skipped - reported:  # skips after the last batch still reach the counter
+            yield {"skipped": dict(self.skipped - reported)}
+
+
+class ClipLoader:
+    """Batches of one rank, exactly `len(self)` per epoch. Each `iter()` is one epoch and moves
+    to the next; `set_epoch` positions it (e.g. when a run resumes)."""
+
+    def __init__(self, source: str | list[ShardRef], cfg: LoaderConfig, window: int | None = None,
+                 rank: int | None = None, world_size: int | None = None):
+        self.shards = resolve_shards(source) if isinstance(source, str) else list(source)
+        self.source = source if isinstance(source, str) else f"{len(self.shards)} shards"
+        self.cfg, self.window = cfg, window
+        self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        self.world = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {self.rank} is outside world size {self.world}")
+        self.num_samples = sum(r.count for r in self.shards)
+        self.epoch = 0
+        self.skipped: Counter = Counter()
+        self.num_batches = self._batches()
+        if self.num_batches == 0:
+            raise DataError(f"{self.source}: {self.num_samples} clips give rank {self.rank} of {self.world} "
+                            f"no batch of {cfg.batch_size} with {max(cfg.num_workers, 1)} reader workers")
+
+    def _batches(self) -> int:
+        workers, b = max(self.cfg.num_workers, 1), self.cfg.batch_size
+        if self.cfg.resample:
+            per_rank = self.cfg.epoch_samples or self.num_samples // self.world
+            return per_rank // b if self.cfg.drop_last else -(-per_rank // b)
+        sizes = [hi - lo for lo, hi in (sample_range(self.num_samples, self.rank, self.world, w, workers,
+                                                     self.cfg.even) for w in range(workers))]
+        return sum(n // b if self.cfg.drop_last else -(-n // b) for n in sizes)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        produced, attempt = 0, 0
+        while produced < self.num_batches:
+            stream = ClipStream(self.shards, self.cfg, self.window, self.rank, self.world, epoch, attempt)
+            loader = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
+                                pin_memory=torch.cuda.is_available() and self.cfg.decode_device == "cpu")
+            got = 0
+            for batch in loader:
+                self.skipped.update(batch.pop("skipped"))
+                if "video" not in batch:
+                    continue
+                got += 1
+                produced += 1
+                yield batch
+                if produced == self.num_batches:
+                    break
+            if produced < self.num_batches:
+                if got == 0:
+                    raise DataError(f"{self.source}: no readable clips for rank {self.rank} "
+                                    f"(skipped so far: {dict(self.skipped)})")
+                log.warning("rank %d: %d batches short after skipped clips; reading on from a new shuffle",
+                            self.rank, self.num_batches - produced)
+                attempt += 1

@@ -1,0 +1,46 @@
+"""mp4 encode/decode with torchcodec. Frames are uint8 tensors [T, C, H, W] throughout."""
+
+from __future__ import annotations
+
+import torch
+from torchcodec.decoders import VideoDecoder
+from torchcodec.encoders import VideoEncoder
+
+from kpscale.data.card import Encoding
+
+
+def encode_mp4(frames: torch.Tensor, fps: float, enc: Encoding) -> bytes:
+    if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
+        raise ValueError(f"expected uint8 frames [T, 3, H, W], got {frames.dtype} {tuple(frames.shape)}")
+    data = VideoEncoder(frames.contiguous(), frame_rate=fps).to_tensor(
+        format="mp4", codec=enc.codec, pixel_format=enc.pixel_format, crf=enc.crf, preset=enc.preset
+    )
+    return data.numpy().tobytes()
+
+
+def decode_mp4(data: bytes | str, start: int = 0, stop: int | None = None, step: int = 1,
+               device: str = "cpu") -> torch.Tensor:
+    """Frames [start, stop) of an encoded clip (bytes or a path), as uint8 [T, C, H, W]."""
+    decoder = VideoDecoder(data, dimension_order="NCHW", num_ffmpeg_threads=1, device=device)
+    count = decoder.metadata.num_frames
+    stop = count if stop is None else stop
+    if not 0 <= start < stop <= count:
+        raise ValueError(f"frame range [{start}, {stop}) outside a video of {count} frames")
+    return decoder.get_frames_in_range(start, stop, step).data
+
+
+def decode_window(data: bytes, window: int | None, rng, device: str = "cpu") -> tuple[torch.Tensor, int]:
+    """A random run of `window` consecutive frames (all frames when None), and its first index."""
+    decoder = VideoDecoder(data, dimension_order="NCHW", num_ffmpeg_threads=1, device=device)
+    count = decoder.metadata.num_frames
+    window = count if window is None else window
+    if count < window:
+        raise ValueError(f"clip has {count} frames, the window needs {window}")
+    start = int(rng.integers(count - window + 1))
+    return decoder.get_frames_in_range(start, start + window).data, start
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of two uint8 tensors."""
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(255.0**2 / mse)).item()

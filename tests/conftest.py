@@ -1,0 +1,39 @@
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kpscale.config import load
+from kpscale.data.build import build
+from kpscale.data.card import DatasetCard
+
+ROOT = Path(__file__).resolve().parents[1]
+CARD = ROOT / "datasets" / "basketball.yaml"
+
+torch.set_num_threads(1)
+
+
+def build_basketball(out: Path, *overrides: str) -> Path:
+    card = load(DatasetCard, CARD, ["workers=1", *overrides])
+    build(card, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def basketball(tmp_path_factory) -> Path:
+    """A small basketball dataset with uneven shards: train 16+16+16+2, test 10."""
+    return build_basketball(tmp_path_factory.mktemp("basketball"), "splits.train=50", "splits.test=10",
+                            "clips_per_shard=16", "clip_length=20")
+
+
+@pytest.fixture
+def basketball_copy(basketball, tmp_path) -> Path:
+    """A copy the test may damage."""
+    return Path(shutil.copytree(basketball, tmp_path / "basketball"))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs(caplog):
+    caplog.set_level(logging.INFO)

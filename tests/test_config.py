@@ -1,0 +1,59 @@
+import pytest
+
+from kpscale.config import ConfigError, apply_overrides, load
+from kpscale.data.card import DatasetCard
+from kpscale.data.stream import DataConfig, LoaderConfig
+from conftest import CARD
+
+
+def test_overrides_take_yaml_types():
+    tree = apply_overrides({"a": {"b": 1}}, ["a.b=3", "a.c=[1, 2]", "flag=true", "name=x"])
+    assert tree == {"a": {"b": 3, "c": [1, 2]}, "flag": True, "name": "x"}
+
+
+def test_card_loads_with_overrides():
+    card = load(DatasetCard, CARD, ["splits.train=7", "resolution=128", "encoding.crf=20"])
+    assert (card.splits["train"], card.resolution, card.encoding.crf) == (7, 128, 20)
+    assert card.splits["test"] == 200  # untouched keys keep the file's values
+
+
+@pytest.mark.parametrize("override, words", [
+    ("resolution=-64", ["resolution", "-64"]),
+    ("resolution=63", ["resolution", "even", "63"]),
+    ("splits.train=-5", ["splits", "-5"]),
+    ("clip_lenght=16", ["clip_lenght", "unknown key"]),
+    ("encoding.pixel_format=rgb24", ["encoding.pixel_format", "rgb24"]),
+    ("basketball.hold_frames=[9, 3]", ["basketball.hold_frames", "min <= max"]),
+    ("source=folder", ["splits", "split_fractions"]),
+])
+def test_bad_card_values_are_named(override, words):
+    with pytest.raises(ConfigError) as err:
+        load(DatasetCard, CARD, [override])
+    for word in words:
+        assert word in str(err.value)
+    assert str(CARD) in str(err.value)
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load(DatasetCard, CARD, ["resolution"])
+    with pytest.raises(ConfigError, match="is a value"):
+        load(DatasetCard, CARD, ["resolution.x=1"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(DatasetCard, tmp_path / "nope.yaml")
+
+
+def test_missing_shard_path_is_named(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load(DataConfig, None, [f"train={tmp_path}/missing"])
+    assert "train" in str(err.value) and "missing" in str(err.value)
+    assert load(DataConfig, None, [f"train={tmp_path}"]).train == str(tmp_path)
+    # Remote URLs are not checked locally.
+    assert load(DataConfig, None, ["train=s3://bucket/shards"]).train == "s3://bucket/shards"
+
+
+def test_loader_config_rejects_cuda_decoding_in_workers():
+    with pytest.raises(ConfigError, match="num_workers=0"):
+        load(LoaderConfig, None, ["decode_device=cuda", "num_workers=2"])
+    with pytest.raises(ConfigError, match="batch_size"):
+        load(LoaderConfig, None, ["batch_size=0"])
