@@ -8,6 +8,7 @@ and turns any validation failure into a `ConfigError` naming the key and the val
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -76,6 +77,17 @@ def _deepcopy(tree: Any) -> Any:
     if isinstance(tree, list):
         return [_deepcopy(v) for v in tree]
     return tree
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line whose `key=value` overrides may sit before or after its options;
+    they are collected in `args.overrides`."""
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
+    return args
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -61,6 +61,8 @@ def build(card: DatasetCard, out: str | Path, root: str | Path | None = None, pr
     jobs, rows = [], {split: [] for split in specs}
     for split, split_specs in specs.items():
         (out / split).mkdir(exist_ok=True)
+        for stale in (out / split).glob("*.tmp*"):  # left by a build that was killed
+            stale.unlink()
         for start in range(0, len(split_specs), card.clips_per_shard):
             path = out / split / shard_name(start // card.clips_per_shard)
             chunk = split_specs[start:start + card.clips_per_shard]

@@ -12,8 +12,10 @@ from kpscale.data.card import Encoding
 def encode_mp4(frames: torch.Tensor, fps: float, enc: Encoding) -> bytes:
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"expected uint8 frames [T, 3, H, W], got {frames.dtype} {tuple(frames.shape)}")
+    extra = {"x264-params": enc.x264_params} if enc.codec == "libx264" and enc.x264_params else None
     data = VideoEncoder(frames.contiguous(), frame_rate=fps).to_tensor(
-        format="mp4", codec=enc.codec, pixel_format=enc.pixel_format, crf=enc.crf, preset=enc.preset
+        format="mp4", codec=enc.codec, pixel_format=enc.pixel_format, crf=enc.crf, preset=enc.preset,
+        extra_options=extra,
     )
     return data.numpy().tobytes()
 
