@@ -334,6 +334,10 @@ class ClipLoader:
                 if got == 0:
                     raise DataError(f"{self.source}: no readable clips for rank {self.rank} "
                                     f"(skipped so far: {dict(self.skipped)})")
+                if not self.cfg.even:  # no collective to keep in step: a short epoch is honest
+                    log.warning("rank %d: epoch ends %d batches short after skipped clips",
+                                self.rank, self.num_batches - produced)
+                    return
                 log.warning("rank %d: %d batches short after skipped clips; reading on from a new shuffle",
                             self.rank, self.num_batches - produced)
                 attempt += 1
