@@ -1,0 +1,29 @@
+"""python -m kpscale.bench {data}: benchmarks that print side-by-side ratios measured in one run.
+Figures and the commands that made them are kept in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kpscale.bench import data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kpscale.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    p = sub.add_parser("data", help="shard reader vs raw npz: bytes per clip, PSNR, clips/s on one core")
+    data.add_arguments(p)
+    p.set_defaults(run=data.run)
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    figures = args.run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

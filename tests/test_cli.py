@@ -1,0 +1,47 @@
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CARD, ROOT
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+@pytest.mark.parametrize("command", [
+    ["kpscale.data"], ["kpscale.data", "build"], ["kpscale.data", "convert"], ["kpscale.data", "stream"],
+    ["kpscale.bench"], ["kpscale.bench", "data"]])
+def test_every_entry_point_has_help(command):
+    result = run(*command, "--help")
+    assert result.returncode == 0 and "usage: python -m" in result.stdout
+
+
+def test_stream_reports_batches(basketball):
+    result = run("kpscale.data", "stream", str(basketball / "train"), "--window", "8", "batch_size=5", "num_workers=1")
+    assert result.returncode == 0, result.stderr
+    assert "50 clips in 4 shards, 10 batches per epoch" in result.stdout
+    assert "video [5, 8, 3, 64, 64]" in result.stdout and "coords [5, 8, 6, 2]" in result.stdout
+    assert "skipped: none" in result.stdout
+
+
+def test_bad_input_gets_one_clear_line(tmp_path):
+    result = run("kpscale.data", "build", str(CARD), "--out", str(tmp_path), "splits.train=-3")
+    assert result.returncode == 2 and "splits" in result.stderr and "-3" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run("kpscale.data", "stream", str(tmp_path / "none"))
+    assert result.returncode == 2 and "no shards found" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_data_benchmark_prints_side_by_side_ratios(tmp_path):
+    result = run("kpscale.bench", "--json", str(tmp_path / "b.json"), "data", "--clips", "32", "--epochs", "1",
+                 "--quality-clips", "2", "--batch-size", "8")
+    assert result.returncode == 0, result.stderr
+    assert "smaller than raw npz" in result.stdout and "x its clips/s" in result.stdout
+    import json
+    figures = json.loads((tmp_path / "b.json").read_text())
+    sizes = figures["bytes_per_clip"]
+    assert sizes["npz (raw uint8, official)"] > 10 * sizes["shards (mp4)"]
+    assert all(v > 0 for v in figures["clips_per_s"].values())
