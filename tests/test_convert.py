@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kpscale.config import load
+from kpscale.config import ConfigError, load
 from kpscale.data.build import build
 from kpscale.data.card import DatasetCard
 from kpscale.data.shards import read_manifest
@@ -79,8 +79,8 @@ def test_convert_keeps_coordinates_on_the_objects(videos, tmp_path, fit):
     summary = build(card, tmp_path / "out", root=root, progress=False)
     assert summary["skipped_inputs"] == ["broken.mp4"]
     # a: 20 frames -> 2 clips (pinned to test); b: 2; c: 2; d: 12 frames -> 1.
-    assert summary["test"]["clips"] + summary["train"]["clips"] == 7
-    assert summary["test"]["clips"] >= 2
+    assert summary["splits"]["test"]["clips"] + summary["splits"]["train"]["clips"] == 7
+    assert summary["splits"]["test"]["clips"] >= 2
     rows = [r for split in ("train", "test") for r in read_manifest(tmp_path / "out" / split / "manifest.parquet").to_pylist()]
     assert {(r["frames"], r["height"], r["width"], r["objects"], r["action_dim"]) for r in rows} == {(8, 32, 32, 1, 2)}
     labels = {r["key"].split("-")[0]: r["label"] for r in rows}
@@ -108,7 +108,12 @@ def test_clips_follow_stride_and_frame_step(videos, tmp_path):
     for name in ("a.mp4", "a.npz"):
         (tmp_path / "v" / name).write_bytes((root / "walk" / name).read_bytes())
     summary = build(card, tmp_path / "out2", root=tmp_path / "v", progress=False)
-    assert summary["train"]["clips"] == 3  # span 7 over 20 frames: starts 0, 5, 10
+    assert summary["splits"]["train"]["clips"] == 3  # span 7 over 20 frames: starts 0, 5, 10
+    # The same card over another input folder is not mistaken for the dataset already there.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "z.mp4").write_bytes((root / "run" / "c.webm").read_bytes())
+    with pytest.raises(ConfigError, match="source_dir"):
+        build(card, tmp_path / "out2", root=tmp_path / "other", progress=False)
     cfg = LoaderConfig(batch_size=3, num_workers=0, shuffle=False)
     batch = next(iter(ClipLoader(str(tmp_path / "out2" / "train"), cfg)))
     expected = truth["walk/a.mp4"][[0, 2, 4, 6]] * np.array([32 / 96, 32 / 64], np.float32)

@@ -35,6 +35,13 @@ def test_yuv420p_is_much_worse_on_small_dots(clip):
     assert half < 36.0 and full - half > 5.0
 
 
+def test_basketball_at_128_pixels_round_trips():
+    frames, coords = make_clip(BasketballOptions(), 8, 128, np.random.default_rng(2))
+    assert frames.shape == (8, 3, 128, 128) and coords.shape == (8, 6, 2)
+    assert 0 < coords.min() and coords.max() < 128
+    assert psnr(frames, decode_mp4(encode_mp4(frames, 10, Encoding()))) >= 40.0
+
+
 def test_decode_range_and_bad_input(clip):
     frames, _ = clip
     data = encode_mp4(frames, 10, Encoding())

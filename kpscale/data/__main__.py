@@ -19,10 +19,9 @@ log = logging.getLogger("kpscale.data")
 
 
 def _summary(summary: dict, out: Path) -> None:
-    for split, s in summary.items():
-        if split != "skipped_inputs":
-            per_clip = s["bytes"] / max(s["clips"], 1) / 1024
-            print(f"{out / split}: {s['clips']} clips in {s['shards']} shards, {per_clip:.1f} KiB per clip")
+    for split, s in summary["splits"].items():
+        per_clip = s["bytes"] / max(s["clips"], 1) / 1024
+        print(f"{out / split}: {s['clips']} clips in {s['shards']} shards, {per_clip:.1f} KiB per clip")
     if summary["skipped_inputs"]:
         print(f"skipped {len(summary['skipped_inputs'])} unreadable or short inputs: "
               + ", ".join(summary["skipped_inputs"][:10]))

@@ -7,6 +7,7 @@ of processes, and a build that was interrupted resumes: shards already on disk a
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -24,24 +25,35 @@ from kpscale.data.sources import SOURCES
 
 log = logging.getLogger(__name__)
 CARD_FILE = "card.yaml"
+PROVENANCE = "provenance.json"  # what the card does not say: the input folder, the outcome
+SOURCE_DIR = "source_dir"
 # Settings that change how a build runs, not what it writes.
 RUN_ONLY = {"workers"}
 
 
-def _claim(out: Path, card: DatasetCard) -> None:
-    """Record the card in `out`, or check that the dataset already there was built from it."""
-    path = out / CARD_FILE
+def _claim(out: Path, card: DatasetCard, root: str | None) -> None:
+    """Record the card (and the input folder) in `out`, or check that the dataset already
+    there was built from the same ones."""
     wanted = {k: v for k, v in card.model_dump(mode="json").items() if k not in RUN_ONLY}
+    wanted[SOURCE_DIR] = root
+    path = out / CARD_FILE
     if path.exists():
         found = {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k not in RUN_ONLY}
+        found[SOURCE_DIR] = json.loads((out / PROVENANCE).read_text()).get(SOURCE_DIR) \
+            if (out / PROVENANCE).exists() else None
         if found != wanted:
             keys = sorted(k for k in wanted.keys() | found.keys() if wanted.get(k) != found.get(k))
-            raise ConfigError(f"{out} holds a dataset built from another card (differs in {', '.join(keys)}); "
-                              "choose another --out or delete it")
+            raise ConfigError(f"{out} holds a dataset built from another card or input folder "
+                              f"(differs in {', '.join(keys)}); choose another --out or delete it")
         return
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(CARD_FILE + ".tmp")
-    tmp.write_text(card.to_yaml())
+    _write_atomic(out / PROVENANCE, json.dumps({SOURCE_DIR: root}, indent=2))
+    _write_atomic(path, card.to_yaml())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -54,10 +66,12 @@ def _write(card_json: str, root: str | None, split: str, specs: list, path: str)
 
 
 def build(card: DatasetCard, out: str | Path, root: str | Path | None = None, progress: bool = True) -> dict:
-    """Write the dataset described by `card` under `out`; returns a summary per split."""
+    """Write the dataset described by `card` under `out`. Returns {"splits": {split: {clips,
+    shards, bytes}}, "skipped_inputs": [...]}, also saved in `out/provenance.json`."""
     out = Path(out)
-    _claim(out, card)
-    specs, skipped = SOURCES[card.source].plan(card, root)
+    root = None if root is None else str(Path(root).resolve())
+    specs, skipped = SOURCES[card.source].plan(card, root)  # bad input fails before `out` is touched
+    _claim(out, card, root)
     jobs, rows = [], {split: [] for split in specs}
     for split, split_specs in specs.items():
         (out / split).mkdir(exist_ok=True)
@@ -77,7 +91,6 @@ def build(card: DatasetCard, out: str | Path, root: str | Path | None = None, pr
     workers = min(card.workers or os.cpu_count() or 1, max(len(jobs), 1))
     log.info("building %s: %d clips in %d shards with %d processes", card.name, total - resumed, len(jobs), workers)
     card_json = card.model_dump_json()
-    root = None if root is None else str(root)
     with tqdm(total=total, initial=resumed, desc=f"building {card.name}", unit="clip", disable=not progress) as bar:
         if workers == 1:
             for split, chunk, path in jobs:
@@ -92,11 +105,12 @@ def build(card: DatasetCard, out: str | Path, root: str | Path | None = None, pr
                     split, n = futures[future]
                     rows[split] += future.result()
                     bar.update(n)
-    summary = {}
+    splits = {}
     for split, split_rows in rows.items():
         split_rows.sort(key=lambda r: (r["shard"], r["index"]))
         write_manifest(out / split, split_rows)
-        summary[split] = {"clips": len(split_rows), "shards": len({r["shard"] for r in split_rows}),
-                          "bytes": sum(r["bytes"] for r in split_rows)}
-    summary["skipped_inputs"] = skipped
+        splits[split] = {"clips": len(split_rows), "shards": len({r["shard"] for r in split_rows}),
+                         "bytes": sum(r["bytes"] for r in split_rows)}
+    summary = {"splits": splits, "skipped_inputs": skipped}
+    _write_atomic(out / PROVENANCE, json.dumps({SOURCE_DIR: root, **summary}, indent=2))
     return summary

@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import os
-import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,11 +145,11 @@ def _manifest_counts(urls: list[str], fs) -> list[ShardRef] | None:
     folders = {u.rsplit("/", 1)[0] for u in urls}
     if len(folders) != 1:
         return None
-    folder = folders.pop()
-    manifest = f"{folder}/{MANIFEST}"
-    if not fs.exists(fsspec.core.url_to_fs(manifest)[1]):
+    manifest = f"{folders.pop()}/{MANIFEST}"
+    path = fsspec.core.url_to_fs(manifest)[1]
+    if not fs.exists(path):
         return None
-    listed = {Path(r.url).name: r.count for r in _from_manifest(manifest, fs, fsspec.core.url_to_fs(manifest)[1])}
+    listed = {Path(r.url).name: r.count for r in _from_manifest(manifest, fs, path)}
     if not all(Path(u).name in listed for u in urls):
         return None
     return [ShardRef(u, listed[Path(u).name]) for u in urls]
@@ -239,8 +238,8 @@ class ClipStream(IterableDataset):
                         return
                     if i >= first:
                         yield ref.url, key, parts
-        except (OSError, tarfile.TarError, EOFError) as exc:
-            log.warning("skipping the rest of shard %s: %s", ref.url, exc)
+        except Exception as exc:  # missing, truncated, unreachable: whatever the storage raises
+            log.warning("skipping the rest of shard %s: %s: %s", ref.url, type(exc).__name__, exc)
             self.skipped["shards"] += 1
 
     def _shuffled(self, raw, rng) -> Iterator[tuple[str, str, dict]]:
