@@ -1,0 +1,238 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kpscale.config import ConfigError, validate
+from kpscale.models import MODELS, build_model
+from kpscale.models.keypoints import (ImageDecoder, KeypointDetector, add_coord_channels,
+                                      heatmaps_to_keypoints, keypoints_to_maps)
+from kpscale.models.struct_vrnn import (VRNN, StructVRNN, StructVRNNConfig, best_of_many, gaussian_kl,
+                                        linear_ramp, separation_loss, sparsity_loss)
+
+TINY = dict(filters=8, num_keypoints=4, rnn_size=32, hidden_size=32, num_samples=5, observed=4, predicted=4)
+
+
+def tiny(**overrides) -> StructVRNNConfig:
+    return StructVRNNConfig(**{**TINY, **overrides})
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_shapes(size):
+    torch.manual_seed(0)
+    cfg = tiny(image_size=size)
+    b, t, k, h = 2, cfg.steps, cfg.num_keypoints, cfg.heatmap_size
+    video = torch.rand(b, t, 3, size, size)
+
+    keypoints, heatmaps = KeypointDetector(k, cfg.filters, cfg.layers_per_scale)(video)
+    assert keypoints.shape == (b, t, k, 3) and heatmaps.shape == (b, t, k, h, h)
+    assert keypoints[..., :2].abs().max() <= 1 and 0 <= keypoints[..., 2].min() <= keypoints[..., 2].max() <= 1
+    decoder = ImageDecoder(k, cfg.filters, cfg.layers_per_scale, cfg.keypoint_sigma)
+    frames = decoder(keypoints, video[:, 0], keypoints[:, 0])
+    assert frames.shape == video.shape
+    predicted, kl = VRNN(cfg)(keypoints, t, num_samples=cfg.num_samples)
+    assert predicted.shape == (b, t, k, 3) and kl.shape == (b, cfg.observed)
+
+    out = StructVRNN(cfg)(video, step=0)
+    assert out["loss"].shape == () and torch.isfinite(out["loss"])
+    assert set(out["terms"]) == {"reconstruction", "separation", "sparsity", "kl", "future"}
+    for key in ("keypoints", "predicted_keypoints"):
+        assert out[key].shape == (b, t, k, 3)
+    assert out["heatmaps"].shape == (b, t, k, h, h)
+    for key in ("reconstruction", "predicted_frames"):
+        assert out[key].shape == video.shape and 0 <= out[key].min() and out[key].max() <= 1
+
+
+def test_sample_future_shapes():
+    cfg = tiny()
+    model = StructVRNN(cfg).eval()
+    keypoints, frames = model.sample_future(torch.rand(2, cfg.observed, 3, 64, 64), future=6, num_samples=3)
+    assert keypoints.shape == (2, 3, cfg.observed + 6, cfg.num_keypoints, 3)
+    assert frames.shape == (2, 3, cfg.observed + 6, 3, 64, 64)
+    assert not torch.equal(keypoints[:, 0, -1], keypoints[:, 1, -1])  # the samples differ
+
+
+def test_coordinate_channels_follow_the_convention():
+    coords = add_coord_channels(torch.zeros(1, 3, 4, 5))[0, 3:]
+    assert coords[0, 0, 0] == -1 and coords[0, 0, -1] == 1  # x: left -> right
+    assert coords[1, 0, 0] == 1 and coords[1, -1, 0] == -1  # y: top is positive
+
+
+def test_spatial_expectation_finds_a_peak():
+    maps = torch.zeros(1, 2, 16, 16)
+    maps[0, 0, 3, 12] = 100.0  # row 3, column 12
+    maps[0, 1, 10, 2] = 50.0
+    kp = heatmaps_to_keypoints(maps)[0]
+    torch.testing.assert_close(kp[0], torch.tensor([-1 + 2 * 12 / 15, 1 - 2 * 3 / 15, 1.0]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(kp[1], torch.tensor([-1 + 2 * 2 / 15, 1 - 2 * 10 / 15, 0.5]), atol=1e-4, rtol=0)
+
+
+def test_gaussian_maps_peak_at_the_keypoint_and_round_trip():
+    kp = torch.tensor([[[-1 + 2 * 5 / 15, 1 - 2 * 9 / 15, 0.7], [0.3, -0.2, 1.0]]])
+    maps = keypoints_to_maps(kp, 16, sigma=1.5)
+    assert maps.shape == (1, 2, 16, 16)
+    assert maps[0, 0].argmax() == 9 * 16 + 5 and math.isclose(maps[0, 0].max(), 0.7, rel_tol=1e-5)
+    torch.testing.assert_close(heatmaps_to_keypoints(maps)[..., :2], kp[..., :2], atol=1e-3, rtol=0)
+
+
+def test_separation_loss_by_hand():
+    # Keypoint 0 moves 0.2 along x in two steps, keypoint 1 stands still: centred, they are
+    # 0.1 apart at both steps, so d = 0.01 and each off-diagonal term is exp(-0.01 / 0.02).
+    kp = torch.zeros(1, 2, 2, 3)
+    kp[0, 1, 0, 0] = 0.2
+    assert math.isclose(separation_loss(kp, sigma=0.1), math.exp(-0.5), rel_tol=1e-5)
+    # Identical motion (a constant offset) is fully penalised.
+    kp[0, :, 1, 0] = kp[0, :, 0, 0] + 0.5
+    assert math.isclose(separation_loss(kp, sigma=0.1), 1.0, rel_tol=1e-6)
+
+
+def test_separation_loss_matches_a_loop():
+    rng = np.random.default_rng(0)
+    kp = rng.uniform(-1, 1, (2, 3, 4, 3))
+    b, t, k, sigma = *kp.shape[:3], 0.3
+    total = 0.0
+    for i in range(k):
+        for j in range(k):
+            for n in range(b):
+                ci = kp[n, :, i, :2] - kp[n, :, i, :2].mean(0)
+                cj = kp[n, :, j, :2] - kp[n, :, j, :2].mean(0)
+                total += np.exp(-((ci - cj) ** 2).sum(-1).mean() / (2 * sigma**2)) / b
+    expected = (total - k) / (k * (k - 1))
+    assert math.isclose(separation_loss(torch.tensor(kp, dtype=torch.float32), sigma), expected, rel_tol=1e-5)
+
+
+def test_sparsity_loss_by_hand():
+    maps = torch.zeros(1, 2, 2, 2, 2)  # [B, T, K, H, W]
+    maps[0, 0, 0] = 1.0  # mean 1
+    maps[0, 0, 1, 0, 0] = 4.0  # mean 1
+    maps[0, 1, 1, 0] = 2.0  # mean 1; maps[0, 1, 0] stays 0
+    assert math.isclose(sparsity_loss(maps), 0.75)
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    mq, mp = torch.randn(3, 16), torch.randn(3, 16)
+    sq, sp = torch.rand(3, 16) + 0.1, torch.rand(3, 16) + 0.1
+    dist = torch.distributions
+    expected = dist.kl_divergence(dist.Normal(mq, sq), dist.Normal(mp, sp)).sum(-1)
+    torch.testing.assert_close(gaussian_kl(mq, sq, mp, sp), expected)
+
+
+def test_best_of_many_picks_the_closest_sample():
+    target = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    offsets = torch.tensor([[0.5, 0.05], [0.1, 0.2], [0.3, -0.4]])  # [N, B]
+    samples = target + offsets[..., None]
+    samples[1, 0, 0] = -0.1  # a sign flip does not matter to a squared error
+    assert best_of_many(samples, target).tolist() == [1, 0]
+
+
+def test_predictions_do_not_peek_at_future_keypoints():
+    """Without teacher forcing and best of many (eval), predicted steps depend on the
+    observed keypoints only; with best of many, training uses the future targets."""
+    cfg = tiny()
+    dynamics = VRNN(cfg)
+    kp = torch.rand(2, cfg.steps, cfg.num_keypoints, 3)
+    changed = kp.clone()
+    changed[:, cfg.observed:] = torch.rand_like(changed[:, cfg.observed:])
+
+    def run(x: torch.Tensor, num_samples: int) -> torch.Tensor:
+        torch.manual_seed(1)
+        return dynamics(x, cfg.steps, num_samples=num_samples)[0]
+
+    torch.testing.assert_close(run(kp, 1), run(changed, 1))
+    assert not torch.allclose(run(kp, 10)[:, cfg.observed:], run(changed, 10)[:, cfg.observed:])
+
+
+def test_gradients_reach_every_parameter_and_dynamics_stay_out_of_the_image_model():
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = StructVRNN(cfg)
+    video = torch.rand(2, cfg.steps, 3, 64, 64)
+    step = 10_000  # every loss weight is on
+
+    model(video, step, decode_predictions=False)["loss"].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+    model.zero_grad(set_to_none=True)
+    terms = model(video, step, decode_predictions=False)["terms"]
+    (terms["kl"] + terms["future"]).backward()
+    for name, p in [*model.detector.named_parameters(), *model.decoder.named_parameters()]:
+        assert p.grad is None, name
+    assert all(p.grad is not None for p in model.dynamics.parameters())
+
+
+@pytest.mark.parametrize("mode", ["autocast", "bf16 weights"])  # bf16 weights: DeepSpeed's bf16 mode
+def test_bf16_runs(mode):
+    model = StructVRNN(tiny())
+    video = torch.rand(1, 8, 3, 64, 64)
+    if mode == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(video, step=2000)
+    else:
+        out = model.to(torch.bfloat16)(video.to(torch.bfloat16), step=2000)
+    out["loss"].backward()
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_schedules():
+    cfg = tiny(beta=0.4)
+    assert [cfg.kl_weight(s) for s in (0, 500, 1000, 5000)] == pytest.approx([0.0, 0.2, 0.4, 0.4])
+    assert cfg.p_true(0) == (1.0, 1.0)
+    assert cfg.p_true(4000) == pytest.approx((0.55, 0.75))
+    assert cfg.p_true(8000) == pytest.approx((0.1, 0.5)) == cfg.p_true(50_000)
+    assert linear_ramp(0, 0.0, 2.0, 0) == 2.0  # no ramp: the end value from the start
+
+
+@pytest.mark.parametrize("override, word", [
+    ({"image_size": 96}, "image_size"),
+    ({"num_keypoints": 1}, "num_keypoints"),
+    ({"p_true_end_observed": 1.5}, "p_true_end_observed"),
+    ({"num_keypionts": 12}, "unknown key"),
+])
+def test_config_rejects_bad_values(override, word):
+    with pytest.raises(ConfigError, match=word):
+        validate(StructVRNNConfig, override)
+
+
+def test_registry_builds_the_model_its_config_names():
+    assert set(MODELS) == {"struct_vrnn"}
+    model = build_model(validate(StructVRNNConfig, {**TINY, "image_size": 128}))
+    assert isinstance(model, StructVRNN) and model.cfg.image_size == 128
+    with pytest.raises(ConfigError, match="name"):
+        validate(StructVRNNConfig, {"name": "svg"})
+    with pytest.raises(KeyError, match="struct_vrnn"):
+        build_model(validate(StructVRNNConfig, TINY).model_copy(update={"name": "svg"}))
+    with pytest.raises(ValueError, match="expected video"):
+        model(torch.rand(1, 8, 3, 64, 64), step=0)
+
+
+def moving_dot(batch: int, steps: int) -> torch.Tensor:
+    """Bright dots crossing a dark frame in opposite directions: [B, T, 3, 64, 64] in [0, 1]."""
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    cx = torch.linspace(16, 48, steps).repeat(batch, 1)
+    cx[1::2] = cx[1::2].flip(-1)
+    cy = torch.linspace(20, 44, batch)[:, None].expand(-1, steps)
+    dot = torch.exp(-((xx - cx[..., None, None]) ** 2 + (yy - cy[..., None, None]) ** 2) / (2 * 3.0**2))
+    return (0.1 + 0.8 * dot)[:, :, None].expand(-1, -1, 3, -1, -1).contiguous()
+
+
+def test_training_reduces_the_reconstruction_loss():
+    """60 steps fit the background and beat copying the first frame; learning to track the
+    dot takes a few hundred steps here, too slow for a unit test."""
+    torch.manual_seed(0)
+    cfg = tiny(observed=2, predicted=2, num_samples=4)
+    model = StructVRNN(cfg)
+    video = moving_dot(2, cfg.steps)
+    copy_first = 0.5 * (video - video[:, :1]).pow(2).sum() / (2 * cfg.steps)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    losses = []
+    for _ in range(60):
+        out = model(video, step=10_000, decode_predictions=False)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["terms"]["reconstruction"].item())
+    assert losses[-1] < losses[0] / 10 and losses[-1] < 0.8 * copy_first
