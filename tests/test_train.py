@@ -1,0 +1,181 @@
+"""The training plane: config validation before Ray, DeepSpeed checkpoints that resume exactly,
+and real multi-worker Ray Train runs that checkpoint, resume and survive a killed worker."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed is imported: there is no GPU here
+
+import mlflow
+import pytest
+import torch
+
+from kpscale.models import build_model
+from kpscale.train.config import load_train_config
+from conftest import ROOT
+
+TINY = ["model.filters=4", "model.num_keypoints=4", "model.rnn_size=16", "model.hidden_size=16",
+        "model.num_samples=2", "model.observed=4", "model.predicted=4", "model.layers_per_scale=1",
+        "data.batch_size=2", "data.num_workers=0", "train.warmup_steps=1", "train.log_every=2"]
+
+
+def train(*overrides, timeout=300):
+    return subprocess.run([sys.executable, "-m", "kpscale.train", *TINY, *overrides], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.zero_stage=5", ["train.zero_stage", "5"]),
+    ("model.num_keypointz=3", ["model.num_keypointz", "unknown key"]),
+    ("data.train=/no/such/shards", ["data.train", "/no/such/shards"]),
+    ("train.steps=10", ["warmup_steps", "train.steps"]),
+    ("model.image_size=96", ["model.image_size", "96"]),
+])
+def test_invalid_configs_are_refused_before_ray_starts(override, words):
+    extra = ["train.warmup_steps=50"] if override == "train.steps=10" else []
+    result = train(override, *extra, timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    for word in words:
+        assert word in result.stderr
+    assert "Traceback" not in result.stderr and "Ray" not in result.stderr
+
+
+def test_default_config_loads_and_fits_the_window():
+    cfg = load_train_config(None, [])
+    assert cfg.window == cfg.model.observed + cfg.model.predicted == 16
+    assert cfg.train.workers == 1 and cfg.data.train is None
+
+
+def _engine(cfg, seed=0):
+    import deepspeed
+
+    from kpscale.train.engine import deepspeed_config
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                      config=deepspeed_config(cfg.train, cfg.data.batch_size, bf16=False))
+    return engine
+
+
+def _steps(engine, batches, first_step):
+    for i, video in enumerate(batches):
+        out = engine(video, first_step + i, decode_predictions=False)
+        engine.backward(out["loss"])
+        engine.step()
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_checkpoint_resumes_exactly(tmp_path, stage, monkeypatch):
+    """Two steps, save, load into a fresh engine, two more == four uninterrupted steps: the
+    optimizer, the LR schedule and the RNG (used by the VRNN's sampling) all continue."""
+    import deepspeed
+
+    from kpscale.train import checkpoint
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(29700 + stage)}.items():
+        monkeypatch.setenv(key, value)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo")
+    cfg = load_train_config(None, [*TINY, f"train.zero_stage={stage}", "train.steps=4"])
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.rand(2, 8, 3, 64, 64, generator=g) for _ in range(4)]
+
+    straight = _engine(cfg)
+    _steps(straight, batches, 0)
+
+    first = _engine(cfg)
+    _steps(first, batches[:2], 0)
+    checkpoint.save(first, tmp_path, step=2, epoch=0, rank=0)
+    torch.manual_seed(123)  # scramble the RNG: load must restore it
+    resumed = _engine(cfg, seed=7)  # other initial weights: load must replace them
+    assert checkpoint.load(resumed, tmp_path, rank=0) == {"step": 2, "epoch": 0}
+    _steps(resumed, batches[2:], 2)
+
+    assert resumed.global_steps == straight.global_steps == 4
+    assert resumed.get_lr() == straight.get_lr()
+    for (name, a), b in zip(straight.module.named_parameters(), resumed.module.parameters()):
+        if stage == 3:  # ZeRO-3 partitions parameters; gather them to compare
+            with deepspeed.zero.GatheredParameters([a, b]):
+                torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def _run(client, tmp_path):
+    experiment = client.get_experiment_by_name("kpscale")
+    (run,) = client.search_runs([experiment.experiment_id])
+    return run
+
+
+@pytest.mark.slow
+def test_two_workers_zero2_checkpoint_then_resume(basketball, tmp_path):
+    common = [f"data.train={basketball / 'train'}", "train.workers=2", "train.cpus_per_worker=1",
+              "train.zero_stage=2", "train.checkpoint_every=2", "train.eval_every=4", "train.eval_clips=8",
+              f"data.test={basketball / 'test'}", f"train.storage={tmp_path / 'runs'}",
+              f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.run_name=resume-test"]
+    first = train(*common, "train.steps=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoints = sorted(p for p in (tmp_path / "runs" / "resume-test").glob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 2  # steps 2 and 4, keep_checkpoints=2
+    names = {p.name for p in checkpoints[-1].rglob("*")}
+    assert {"rng-rank0.pt", "rng-rank1.pt", "latest"} <= names
+    assert any("optim_states" in n for n in names)
+
+    second = train(*common, "train.steps=6")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "rank 0 resumed at step 4" in second.stderr + second.stdout
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = _run(client, tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.zero_stage"] == "2" and run.data.params["model.num_keypoints"] == "4"
+    assert run.data.tags["dataset"] == "basketball" and len(run.data.tags["git_commit"]) == 40
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4, 6]
+    for metric in ("train/reconstruction", "train/separation", "train/sparsity", "train/kl", "train/future",
+                   "train/clips_per_s", "train/data_wait_fraction", "train/skipped_clips"):
+        assert len(client.get_metric_history(run.info.run_id, metric)) == 3, metric
+    for metric in ("tracking_error_observed", "tracking_error_predicted", "tracking_error_null"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [4, 6], metric
+    videos = [a.path for a in client.list_artifacts(run.info.run_id, "videos")]
+    assert "videos/step-0000006.gif" in videos
+    model_dir = client.download_artifacts(run.info.run_id, "model", str(tmp_path / "model"))
+    weights = torch.load(f"{model_dir}/weights.pt", weights_only=True)
+    cfg = load_train_config(f"{model_dir}/config.yaml", [])
+    model = build_model(cfg.model)
+    model.load_state_dict(weights)  # the logged model loads back, strictly
+
+
+@pytest.mark.slow
+def test_run_survives_a_killed_worker(basketball, tmp_path):
+    cmd = [sys.executable, "-m", "kpscale.train", *TINY, f"data.train={basketball / 'train'}", "train.workers=2",
+           "train.cpus_per_worker=1", "train.steps=40", "train.checkpoint_every=5", "train.max_failures=2",
+           f"train.storage={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+           "train.run_name=kill-test"]
+    log = open(tmp_path / "log", "w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        # Kill once Ray Train's controller has registered a checkpoint: it restores the latest
+        # registered one, and registration lags the checkpoint folder on a loaded machine.
+        snapshot = tmp_path / "runs" / "kill-test" / "checkpoint_manager_snapshot.json"
+        deadline = time.time() + 240
+        while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()) and time.time() < deadline:
+            assert proc.poll() is None, open(tmp_path / "log").read()[-3000:]
+            time.sleep(0.2)
+        workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+        assert workers, "no Ray Train worker process found"
+        os.kill(int(workers[-1]), signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, open(tmp_path / "log").read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = open(tmp_path / "log").read()
+    assert "worker health check failed" in output  # the kill was seen ...
+    assert re.search(r"rank 0 resumed at step [1-9]", output)  # ... and training went on from a checkpoint
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = _run(client, tmp_path)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps[-1] == 40 and run.info.status == "FINISHED"
