@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from kpscale.models import build_model
+from kpscale.predict import load_trained
 from kpscale.train.config import load_train_config
 from conftest import ROOT
 
@@ -142,11 +143,9 @@ def test_two_workers_zero2_checkpoint_then_resume(basketball, tmp_path):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [4, 6], metric
     videos = [a.path for a in client.list_artifacts(run.info.run_id, "videos")]
     assert "videos/step-0000006.gif" in videos
-    model_dir = client.download_artifacts(run.info.run_id, "model", str(tmp_path / "model"))
-    weights = torch.load(f"{model_dir}/weights.pt", weights_only=True)
-    cfg = load_train_config(f"{model_dir}/config.yaml", [])
-    model = build_model(cfg.model)
-    model.load_state_dict(weights)  # the logged model loads back, strictly
+    # The logged model loads back from the run id, strictly, for kpscale.predict.
+    model, cfg = load_trained(run.info.run_id, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert cfg.model.num_keypoints == 4 and not model.training
 
 
 @pytest.mark.slow
