@@ -45,3 +45,17 @@ def test_data_benchmark_prints_side_by_side_ratios(tmp_path):
     sizes = figures["bytes_per_clip"]
     assert sizes["npz (raw uint8, official)"] > 10 * sizes["shards (mp4)"]
     assert all(v > 0 for v in figures["clips_per_s"].values())
+
+
+@pytest.mark.slow
+def test_train_benchmark_prints_side_by_side_ratios(tmp_path):
+    tiny = ["model.filters=4", "model.num_keypoints=4", "model.rnn_size=16", "model.hidden_size=16",
+            "model.num_samples=2", "data.batch_size=4"]
+    result = run("kpscale.bench", "--json", str(tmp_path / "b.json"), "train", "--steps", "8", "--zero-steps", "2",
+                 *tiny, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ratio" in result.stdout and "x what a step consumes" in result.stdout
+    import json
+    figures = json.loads((tmp_path / "b.json").read_text())
+    assert figures["bare_clips_per_s"] > 0 and figures["ray_deepspeed_clips_per_s"] > 0
+    assert set(figures["peak_memory_mb"]) == {"0", "2", "3"} and min(figures["peak_memory_mb"].values()) > 100

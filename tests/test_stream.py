@@ -1,7 +1,5 @@
 import io
-import itertools
 import os
-import shutil
 import subprocess
 import sys
 import tarfile

@@ -90,7 +90,7 @@ def test_separation_loss_by_hand():
 def test_separation_loss_matches_a_loop():
     rng = np.random.default_rng(0)
     kp = rng.uniform(-1, 1, (2, 3, 4, 3))
-    b, t, k, sigma = *kp.shape[:3], 0.3
+    b, _, k, sigma = *kp.shape[:3], 0.3
     total = 0.0
     for i in range(k):
         for j in range(k):

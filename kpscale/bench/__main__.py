@@ -1,4 +1,4 @@
-"""python -m kpscale.bench {data}: benchmarks that print side-by-side ratios measured in one run.
+"""python -m kpscale.bench {data,train}: benchmarks that print side-by-side ratios measured in one run.
 Figures and the commands that made them are kept in docs/benchmarks.md."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import argparse
 import json
 import sys
 
-from kpscale.bench import data
+from kpscale.bench import data, train
+from kpscale.config import parse_with_overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,8 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("data", help="shard reader vs raw npz: bytes per clip, PSNR, clips/s on one core")
     data.add_arguments(p)
     p.set_defaults(run=data.run)
+    p = sub.add_parser("train", help="Ray Train + DeepSpeed vs a bare loop, reader vs step, memory per ZeRO stage")
+    train.add_arguments(p)
+    p.set_defaults(run=train.run)
     parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args(argv)
+    args = parse_with_overrides(parser, argv)
     figures = args.run(args)
     if args.json:
         with open(args.json, "w") as f:

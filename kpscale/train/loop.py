@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import tempfile
 import time
 from collections import defaultdict
@@ -53,9 +54,9 @@ def train_loop(config: dict) -> None:
     if rank == 0:
         mlflow.set_tracking_uri(config["tracking_uri"])
         mlflow.start_run(run_id=config["mlflow_run_id"])
-        log.info("training %s on %d clips (%d batches per epoch per rank) with %d workers, ZeRO-%d, %s",
-                 type(model).__name__, loader.num_samples, len(loader), world, cfg.train.zero_stage,
-                 "bf16" if bf16 else "fp32")
+        log.info("training %s on %d clips (%d batches per epoch per rank) with %d workers, ZeRO-%d, %s, "
+                 "%d torch threads per worker", type(model).__name__, loader.num_samples, len(loader), world,
+                 cfg.train.zero_stage, "bf16" if bf16 else "fp32", torch.get_num_threads())
     meter = Meter()
     while step < cfg.train.steps:
         loader.set_epoch(epoch)
@@ -84,6 +85,13 @@ def train_loop(config: dict) -> None:
         mlflow.end_run()
 
 
+def peak_memory_mb() -> float:
+    """Peak memory of this worker: GPU memory allocated on GPU, resident set size on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 class Meter:
     """Loss terms, throughput and time spent waiting for data since the last log line."""
 
@@ -102,13 +110,15 @@ class Meter:
         seconds = time.perf_counter() - self.started
         totals = torch.tensor([self.clips, loader.skipped["samples"], loader.skipped["shards"]], dtype=torch.float64)
         dist.all_reduce(totals)
+        peak = torch.tensor([peak_memory_mb()], dtype=torch.float64)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         if rank != 0:
             return
         metrics = {f"train/{k}": v / self.steps for k, v in self.sums.items()}
         metrics.update({"train/clips_per_s": totals[0].item() / seconds,
                         "train/data_wait_fraction": self.waited / seconds,
                         "train/skipped_clips": totals[1].item(), "train/skipped_shards": totals[2].item(),
-                        "train/lr": lr})
+                        "train/lr": lr, "system/peak_memory_mb": peak.item()})
         mlflow.log_metrics(metrics, step=step)
         log.info("step %d: loss %.4f, %.1f clips/s, %.0f%% of the time waiting for data", step,
                  metrics["train/loss"], metrics["train/clips_per_s"], 100 * metrics["train/data_wait_fraction"])

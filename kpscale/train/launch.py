@@ -1,0 +1,87 @@
+"""Launch a training run: resolve the data, join or start Ray, open the MLflow run, fit a
+TorchTrainer whose workers run `kpscale.train.loop.train_loop`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+
+from kpscale.config import ConfigError
+from kpscale.data.build import CARD_FILE
+from kpscale.data.shards import MANIFEST
+from kpscale.train.config import TrainConfig
+
+log = logging.getLogger("kpscale.train")
+DEFAULT_DATA = Path("data/basketball")
+DEFAULT_CARD = Path(__file__).resolve().parents[2] / "datasets" / "basketball.yaml"
+
+
+def with_default_data(cfg: TrainConfig) -> TrainConfig:
+    """Point data.train/test at the default basketball shards, building them when missing."""
+    if cfg.data.train is not None:
+        return cfg
+    if not (DEFAULT_DATA / "train" / MANIFEST).exists():
+        from kpscale.config import load
+        from kpscale.data.build import build
+        from kpscale.data.card import DatasetCard
+
+        if not DEFAULT_CARD.exists():
+            raise ConfigError(f"data.train is not set and the default card {DEFAULT_CARD} is missing")
+        log.info("data.train not given and %s missing: building it from %s", DEFAULT_DATA, DEFAULT_CARD)
+        build(load(DatasetCard, DEFAULT_CARD), DEFAULT_DATA)
+    data = cfg.data.model_copy(update={"train": str((DEFAULT_DATA / "train").resolve()),
+                                       "test": cfg.data.test or str((DEFAULT_DATA / "test").resolve())})
+    return cfg.model_copy(update={"data": data})
+
+
+def dataset_name(spec: str) -> str:
+    card = Path(spec).parent / CARD_FILE
+    if card.exists():
+        return (yaml.safe_load(card.read_text()) or {}).get("name", "unknown")
+    return Path(spec).name
+
+
+def run(cfg: TrainConfig):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from kpscale.tracking import git_commit, open_run, tracking_uri
+    from kpscale.train.loop import train_loop
+
+    ray.init(logging_level=logging.WARNING)  # joins RAY_ADDRESS or the job's cluster, else starts one
+    resources = ray.cluster_resources()
+    use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else resources.get("GPU", 0) > 0
+    cpus = cfg.train.workers * cfg.train.cpus_per_worker
+    if cpus > resources.get("CPU", 0) or (use_gpu and cfg.train.workers > resources.get("GPU", 0)):
+        raise ConfigError(f"train.workers={cfg.train.workers} x train.cpus_per_worker={cfg.train.cpus_per_worker}"
+                          f"{' and one GPU each' if use_gpu else ''} do not fit the Ray cluster "
+                          f"({resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs)")
+    storage = cfg.train.storage if "://" in cfg.train.storage else str(Path(cfg.train.storage).resolve())
+    uri = tracking_uri(cfg.tracking.uri)
+    marker = f"{storage}/{cfg.train.run_name}/mlflow_run_id"
+    run_id = open_run(uri, cfg.tracking.experiment, marker, cfg.train.run_name, cfg,
+                      tags={"git_commit": git_commit(), "dataset": dataset_name(cfg.data.train),
+                            "model": type(cfg.model).__name__})
+    log.info("MLflow run %s in %s; checkpoints in %s/%s", run_id, uri, storage, cfg.train.run_name)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "tracking_uri": uri},
+        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(storage_path=storage, name=cfg.train.run_name,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)))
+    import mlflow
+
+    try:
+        result = trainer.fit()
+    except BaseException:
+        mlflow.MlflowClient(uri).set_terminated(run_id, status="FAILED")
+        raise
+    mlflow.MlflowClient(uri).set_terminated(run_id, status="FINISHED")
+    log.info("finished at step %s; checkpoint %s", result.metrics.get("step"), result.checkpoint)
+    return result
