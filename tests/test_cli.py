@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from conftest import CARD, ROOT
+from conftest import CARD, ROOT, TINY_MODEL
 
 
 def run(*args, **kw):
@@ -49,10 +49,8 @@ def test_data_benchmark_prints_side_by_side_ratios(tmp_path):
 
 @pytest.mark.slow
 def test_train_benchmark_prints_side_by_side_ratios(tmp_path):
-    tiny = ["model.filters=4", "model.num_keypoints=4", "model.rnn_size=16", "model.hidden_size=16",
-            "model.num_samples=2", "data.batch_size=4"]
     result = run("kpscale.bench", "--json", str(tmp_path / "b.json"), "train", "--steps", "8", "--zero-steps", "2",
-                 *tiny, timeout=900)
+                 *TINY_MODEL, "data.batch_size=4", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ratio" in result.stdout and "x what a step consumes" in result.stdout
     import json

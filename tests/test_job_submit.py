@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, TINY_MODEL
 
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -45,10 +45,9 @@ def ray_head(tmp_path):
 @pytest.mark.slow
 def test_ray_job_submit_trains_end_to_end(ray_head, basketball, tmp_path):
     env, address = ray_head
-    overrides = ["model.filters=4", "model.num_keypoints=4", "model.rnn_size=16", "model.hidden_size=16",
-                 "model.num_samples=2", "model.observed=4", "model.predicted=4", "data.batch_size=2",
-                 "train.warmup_steps=1", "train.steps=4", "train.log_every=2", "train.eval_every=4",
-                 "train.eval_clips=4", "train.checkpoint_every=4", "train.workers=2", "train.cpus_per_worker=1",
+    overrides = [*TINY_MODEL, "data.batch_size=2", "train.warmup_steps=1", "train.steps=4", "train.log_every=2",
+                 "train.eval_every=4", "train.eval_clips=4", "train.checkpoint_every=4", "train.workers=2",
+                 "train.cpus_per_worker=1",
                  f"data.train={basketball / 'train'}", f"data.test={basketball / 'test'}",
                  f"train.storage={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     submit = subprocess.run([f"{VENV_BIN}/ray", "job", "submit", "--address", address, "--working-dir", str(ROOT),

@@ -9,12 +9,11 @@ from kpscale.data.sources.basketball import make_clip
 from kpscale.data.video import decode_mp4, encode_mp4
 from kpscale.models import build_model
 from kpscale.train.config import load_train_config
-from conftest import ROOT
+from conftest import ROOT, TINY_MODEL
 
 
 def test_predict_reads_a_video_and_writes_a_playable_one(tmp_path):
-    cfg = load_train_config(None, ["model.filters=4", "model.num_keypoints=4", "model.rnn_size=16",
-                                   "model.hidden_size=16", "model.observed=4", "model.predicted=4"])
+    cfg = load_train_config(None, TINY_MODEL)
     model = build_model(cfg.model)
     (tmp_path / "model").mkdir()
     torch.save(model.state_dict(), tmp_path / "model" / "weights.pt")

@@ -17,11 +17,9 @@ import torch
 from kpscale.models import build_model
 from kpscale.predict import load_trained
 from kpscale.train.config import load_train_config
-from conftest import ROOT
+from conftest import ROOT, TINY_MODEL
 
-TINY = ["model.filters=4", "model.num_keypoints=4", "model.rnn_size=16", "model.hidden_size=16",
-        "model.num_samples=2", "model.observed=4", "model.predicted=4", "model.layers_per_scale=1",
-        "data.batch_size=2", "data.num_workers=0", "train.warmup_steps=1", "train.log_every=2"]
+TINY = [*TINY_MODEL, "data.batch_size=2", "data.num_workers=0", "train.warmup_steps=1", "train.log_every=2"]
 
 
 def train(*overrides, timeout=300):
