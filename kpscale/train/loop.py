@@ -72,10 +72,12 @@ def train_loop(config: dict) -> None:
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 meter.log(loader, step, rank, engine.get_lr()[0])
                 meter = Meter()
+            paused = time.perf_counter()
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
                 _evaluate(engine, cfg, device, step, rank)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 _checkpoint(engine, checkpoint, step, epoch, rank, engine.get_lr()[0])
+            meter.started += time.perf_counter() - paused  # evaluation and checkpoints are not training time
             if step >= cfg.train.steps:
                 break
             fetch = time.perf_counter()
