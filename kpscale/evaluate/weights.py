@@ -1,5 +1,6 @@
-"""Pretrained weights for the metric networks (I3D for FVD, later VGG). A metric computed with
-random weights is a silent lie, so a missing file is an error, never a fallback."""
+"""Pretrained weights for the metric networks (I3D for FVD, VGG-16 for frame similarity). A
+metric computed with random weights is a silent lie, so a missing file is an error, never a
+fallback."""
 
 from __future__ import annotations
 
@@ -29,13 +30,17 @@ def resolve_weights(path: str | Path | None, env_var: str, what: str, how: str) 
     return path
 
 
-def load_state_dict_strict(model: nn.Module, path: str | Path) -> nn.Module:
+def load_state_dict_strict(model: nn.Module, path: str | Path, prefix: str = "") -> nn.Module:
     """Load a plain state dict (weights_only: no pickled code runs) into `model`, all keys
     matching; a mismatch names the file and the first offending keys rather than dumping
-    PyTorch's list of every key."""
+    PyTorch's list of every key. With `prefix`, only the file's keys starting with it are
+    loaded, for files that hold more than `model` (torchvision's vgg16 file also holds the
+    classifier, which the VGG metric does not use); those must still match `model` exactly."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise RuntimeError(f"{path}: expected a state dict, got {type(state).__name__}")
+    if prefix:
+        state = {k: v for k, v in state.items() if k.startswith(prefix)}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
