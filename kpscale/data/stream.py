@@ -57,6 +57,7 @@ class LoaderConfig(Config):
     even: bool = True  # the same number of batches on every rank (needed by training)
     drop_last: bool = True  # drop each worker's last partial batch
     decode_device: Literal["cpu", "cuda"] = "cpu"  # cuda: NVDEC, needs yuv420p shards
+    random_window: bool = True  # False: each clip's first frames, the same whatever the split (evaluation)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -261,7 +262,8 @@ class ClipStream(IterableDataset):
         batch = []
         for url, key, parts in self._shuffled(self._raw(rng, worker, workers), rng):
             try:
-                batch.append(_decode(key, parts, self.window, rng, self.cfg.decode_device))
+                batch.append(_decode(key, parts, self.window, rng if self.cfg.random_window else None,
+                                     self.cfg.decode_device))
             except Exception as exc:
                 log.warning("skipping sample %s in shard %s: %s", key, url, exc)
                 self.skipped["samples"] += 1

@@ -32,13 +32,14 @@ def decode_mp4(data: bytes | str, start: int = 0, stop: int | None = None, step:
 
 
 def decode_window(data: bytes, window: int | None, rng, device: str = "cpu") -> tuple[torch.Tensor, int]:
-    """A random run of `window` consecutive frames (all frames when None), and its first index."""
+    """A random run of `window` consecutive frames (all frames when None; the first ones when rng
+    is None), and its first index."""
     decoder = VideoDecoder(data, dimension_order="NCHW", num_ffmpeg_threads=1, device=device)
     count = decoder.metadata.num_frames
     window = count if window is None else window
     if count < window:
         raise ValueError(f"clip has {count} frames, the window needs {window}")
-    start = int(rng.integers(count - window + 1))
+    start = int(rng.integers(count - window + 1)) if rng is not None else 0
     return decoder.get_frames_in_range(start, start + window).data, start
 
 

@@ -5,24 +5,42 @@ from __future__ import annotations
 
 import torch
 
-from kpscale.data.stream import ClipLoader
+from kpscale.data.stream import ClipLoader, DataConfig
 from kpscale.evaluate import tracking
 from kpscale.evaluate.media import panel
 from kpscale.train.config import TrainConfig
 
 
-def _clips(spec: str, cfg: TrainConfig, limit: int):
-    """Up to `limit` clips in a fixed order: the same on every rank and at every evaluation."""
-    loader_cfg = cfg.data.model_copy(update={"shuffle": False, "even": False, "drop_last": False, "num_workers": 0})
-    loader = ClipLoader(spec, loader_cfg, window=cfg.window, rank=0, world_size=1)
+def fixed_batches(spec: str, data: DataConfig, window: int, limit: int | None, rank: int = 0, world: int = 1):
+    """Batches of up to `limit` clips (all when None) of part `rank` of `world`: each clip in
+    exactly one part, in a fixed order and from its first frame, the same at every evaluation."""
+    loader_cfg = data.model_copy(update={"shuffle": False, "even": False, "drop_last": False, "num_workers": 0,
+                                         "random_window": False})
     seen = 0
-    for batch in loader:
+    for batch in ClipLoader(spec, loader_cfg, window=window, rank=rank, world_size=world):
+        yield batch
+        seen += len(batch["key"])
+        if limit is not None and seen >= limit:
+            return
+
+
+def _clips(spec: str, cfg: TrainConfig, limit: int):
+    for batch in fixed_batches(spec, cfg.data, cfg.window, limit):
         if "coords" not in batch:
             raise ValueError(f"{spec}: tracking error needs ground-truth coords, the clips have none")
         yield batch
-        seen += len(batch["key"])
-        if seen >= limit:
-            return
+
+
+@torch.no_grad()
+def fit_regression(model, spec: str, cfg: TrainConfig, limit: int, device: torch.device,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tracking regression fitted on up to `limit` clips of `spec` (training clips), and the
+    object positions it saw [M, N, 2] (the null model's means come from them)."""
+    keypoints, positions = [], []
+    for batch in _clips(spec, cfg, limit):
+        keypoints.append(model.detector(batch["video"].to(device, dtype) - 0.5)[0].float().flatten(0, 1))
+        positions.append(batch["coords"].flatten(0, 1).to(device))
+    return tracking.fit(torch.cat(keypoints), torch.cat(positions)), torch.cat(positions)
 
 
 @torch.no_grad()
@@ -34,12 +52,7 @@ def evaluate(model, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
     was_training = model.training
     model.eval()
     obs, mcfg = cfg.model.observed, cfg.model
-    fit_kp, fit_pos = [], []
-    for batch in _clips(cfg.data.train, cfg, fit_clips):
-        keypoints = model.detector(batch["video"].to(device, dtype) - 0.5)[0]
-        fit_kp.append(keypoints.float().flatten(0, 1))
-        fit_pos.append(batch["coords"].flatten(0, 1).to(device))
-    weights = tracking.fit(torch.cat(fit_kp), torch.cat(fit_pos))
+    weights, fit_positions = fit_regression(model, cfg.data.train, cfg, fit_clips, device, dtype)
 
     observed, predicted, positions, video = [], [], [], None
     for batch in _clips(cfg.data.test or cfg.data.train, cfg, test_clips):
@@ -47,7 +60,7 @@ def evaluate(model, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
         keypoints = model.detector(clip - 0.5)[0].float()
         observed.append(tracking.distance(tracking.apply(weights, keypoints[:, :obs]), coords[:, :obs]).mean((1, 2)))
         sampled, _ = model.sample_future(clip, mcfg.predicted, mcfg.num_samples)
-        predicted.append(tracking.best_of_samples(weights, sampled[:, :, obs:].float(), coords[:, obs:]))
+        predicted.append(tracking.best_of_samples(weights, sampled[:, :, obs:].float(), coords[:, obs:]).mean(1))
         positions.append(coords)
         if video is None:
             out = model(clip[:1], step=0)
@@ -56,7 +69,7 @@ def evaluate(model, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
     metrics = {
         "tracking_error_observed": torch.cat(observed).mean().item(),
         "tracking_error_predicted": torch.cat(predicted).mean().item(),
-        "tracking_error_null": tracking.null_error(torch.cat(fit_pos).cpu(), torch.cat(positions).cpu()),
+        "tracking_error_null": tracking.null_error(fit_positions.cpu(), torch.cat(positions).cpu()),
     }
     model.train(was_training)
     return metrics, video

@@ -1,7 +1,9 @@
 """Keypoint tracking error (paper Sec. 5.2): fit a linear map from keypoints (x, y, mu) to the
 ground-truth object positions on training clips, then measure the mean distance between mapped
 and true positions on held-out clips, in pixels. The null model predicts each object's mean
-training position; a model whose keypoints track objects must be well below it."""
+training position; a model whose keypoints track objects must be well below it. Predicted
+futures are scored by the best of several samples and compared with "no dynamics", the last
+observed keypoints held still."""
 
 from __future__ import annotations
 
@@ -33,14 +35,40 @@ def distance(predicted: Tensor, positions: Tensor) -> Tensor:
     return (predicted - positions).norm(dim=-1)
 
 
-def null_error(train_positions: Tensor, test_positions: Tensor) -> float:
-    """Error of predicting each object's mean training position, positions [M, N, 2]."""
+def per_step_errors(weights: Tensor, keypoints: Tensor, positions: Tensor) -> Tensor:
+    """Error [B, T] (mean over objects) of keypoints [B, T, K, 3] mapped onto positions [B, T, N, 2]:
+    observed steps, or a deterministic baseline such as `no_dynamics`."""
+    return distance(apply(weights, keypoints), positions).mean(-1)
+
+
+def null_error_per_step(train_positions: Tensor, test_positions: Tensor) -> Tensor:
+    """Error [B, T] (mean over objects) of predicting each object's mean training position;
+    train positions [..., N, 2], test positions [B, T, N, 2]."""
     mean = train_positions.reshape(-1, *train_positions.shape[-2:]).mean(0)
-    return distance(mean.expand_as(test_positions), test_positions).mean().item()
+    return distance(mean.expand_as(test_positions), test_positions).mean(-1)
 
 
-def best_of_samples(weights: Tensor, sampled: Tensor, positions: Tensor) -> Tensor:
-    """Per-clip error of the sampled future closest to the truth: sampled keypoints
-    [B, S, T, K, 3], positions [B, T, N, 2] -> [B] (mean over steps and objects)."""
-    errors = distance(apply(weights, sampled), positions[:, None]).mean((-1, -2))  # [B, S]
-    return errors.min(1).values
+def null_error(train_positions: Tensor, test_positions: Tensor) -> float:
+    """Error of predicting each object's mean training position, positions [..., N, 2]."""
+    return null_error_per_step(train_positions, test_positions).mean().item()
+
+
+def no_dynamics(keypoints_observed: Tensor, steps: int) -> Tensor:
+    """The paper's "no dynamics" baseline: the last of keypoints [B, T_obs, K, 3] held for
+    `steps` future steps -> [B, steps, K, 3]. A dynamics model must beat it to earn its keep."""
+    return keypoints_observed[:, -1:].repeat(1, steps, 1, 1)
+
+
+def best_of_samples(weights: Tensor, sampled: Tensor, positions: Tensor, per_object: bool = False) -> Tensor:
+    """Per-step error [B, T] (mean over objects) of the sampled future closest to the truth:
+    sampled keypoints [B, S, T, K, 3], positions [B, T, N, 2]; `.mean(1)` gives the per-clip error.
+
+    As the paper (Sec. 5.2) does to account for stochasticity: the best sample is chosen once per
+    clip by its mean error over all steps and objects (Human3.6M), or with `per_object` once per
+    object by that object's mean error over the steps (Basketball: "separately for each player").
+    Choosing per step would be cheating: it peeks at the truth of every frame and stitches a
+    trajectory no sample drew."""
+    errors = distance(apply(weights, sampled), positions[:, None])  # [B, S, T, N]
+    score = errors.mean(2, keepdim=True) if per_object else errors.mean((2, 3), keepdim=True)
+    best = score.argmin(1, keepdim=True).expand(-1, -1, *errors.shape[2:])  # [B, 1, T, N]
+    return errors.gather(1, best).squeeze(1).mean(-1)
