@@ -1,0 +1,211 @@
+"""python -m kpscale.evaluate --run RUN_ID_OR_MODEL_FOLDER --data SHARDS [options]
+
+Samples N futures for each held-out clip and scores them: FVD (with I3D weights), PSNR and SSIM
+per predicted step (closest and furthest sample), VGG cosine similarity (with VGG weights), and
+the keypoint tracking error on observed and predicted frames (best of N) against the null model
+and "no dynamics". Results go to MLflow as a run nested under the training run (or a new run
+when --run is a folder): metrics, per-frame curves, PNG plots, the keypoint trajectories as
+Parquet and the summary table printed at the end. With --workers N > 1 the clips are split over
+N Ray tasks (a local Ray, or the cluster in RAY_ADDRESS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from kpscale.config import ConfigError, validate
+from kpscale.data.stream import DataError, resolve_shards
+from kpscale.evaluate.evaluator import EvaluateConfig, PartResult, evaluate_part, summarise
+from kpscale.evaluate.weights import WeightsUnavailable
+
+log = logging.getLogger("kpscale.evaluate")
+
+
+DEFAULTS = EvaluateConfig.model_fields  # one place for defaults: unset flags leave them to the config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kpscale.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="MLflow run id of a training run, or a model folder")
+    parser.add_argument("--data", required=True, help="held-out shards (folder, glob, manifest or URL)")
+    parser.add_argument("--fit-data", help="training shards for the tracking regression (default: the run's data.train)")
+    parser.add_argument("--samples", type=int, help=f"sampled futures per clip (default {DEFAULTS['samples'].default})")
+    parser.add_argument("--clips", type=int, help="evaluate at most this many held-out clips (default: all)")
+    parser.add_argument("--fit-clips", type=int, help=f"training clips to fit the regression (default {DEFAULTS['fit_clips'].default})")
+    parser.add_argument("--batch-size", type=int, help=f"clips per forward pass (default {DEFAULTS['batch_size'].default})")
+    parser.add_argument("--workers", type=int, help=f"Ray tasks to split the clips over (default {DEFAULTS['workers'].default})")
+    parser.add_argument("--cpus-per-worker", type=int, help=f"CPUs per Ray task (default {DEFAULTS['cpus_per_worker'].default})")
+    parser.add_argument("--seed", type=int, help=f"sampling seed (default {DEFAULTS['seed'].default})")
+    parser.add_argument("--per-clip", action="store_true",
+                        help="pick the best sample per clip, not per object (the paper's Human3.6M rule)")
+    parser.add_argument("--i3d", help="i3d_pretrained_400.pt for FVD (default $KPSCALE_I3D_WEIGHTS; none: no FVD)")
+    parser.add_argument("--vgg", help="torchvision vgg16 weights for VGG cosine (default $KPSCALE_VGG_WEIGHTS)")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    return parser
+
+
+def _optional(load, path: str | None):
+    """A metric network, or None with a warning that says how to supply it."""
+    try:
+        return load(path), None
+    except WeightsUnavailable as exc:
+        log.warning("%s", exc)
+        return None, str(exc)
+
+
+def _fit(model, cfg, ecfg: EvaluateConfig):
+    """The tracking regression, or (None, None, reason) when it cannot be fitted."""
+    from kpscale.evaluate.snapshot import fit_regression
+
+    spec = ecfg.fit_data or cfg.data.train
+    try:
+        weights, positions = fit_regression(model, spec, cfg, ecfg.fit_clips, torch.device("cpu"), torch.float32)
+        return weights, positions, None
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        reason = f"tracking error unavailable: {exc} (give --fit-data with training shards that have coords)"
+        log.warning("%s", reason)
+        return None, None, reason
+
+
+def _remote_part(state: dict, cfg_dict: dict, ecfg_dict: dict, weights, positions, use_i3d: bool, use_vgg: bool,
+                 rank: int, world: int, limit: int | None) -> PartResult:
+    """One Ray task: rebuild the model and metric networks there, evaluate its part."""
+    from kpscale.evaluate.fvd import FVD
+    from kpscale.evaluate.frames import load_vgg
+    from kpscale.evaluate.i3d import load_i3d
+    from kpscale.models import build_model
+    from kpscale.train.config import TrainConfig
+
+    cfg, ecfg = TrainConfig.model_validate(cfg_dict), EvaluateConfig.model_validate(ecfg_dict)
+    model = build_model(cfg.model)
+    model.load_state_dict(state)
+    i3d = FVD(load_i3d(ecfg.i3d), "cpu") if use_i3d else None
+    vgg = load_vgg(ecfg.vgg) if use_vgg else None
+    return evaluate_part(model.eval(), cfg, ecfg, weights, positions, i3d, vgg, rank, world, limit)
+
+
+def _run_parts(model, cfg, ecfg: EvaluateConfig, weights, positions, i3d, vgg, total: int) -> list[PartResult]:
+    if ecfg.workers == 1:
+        with tqdm(total=total, unit="clip", desc="evaluating") as bar:
+            return [evaluate_part(model, cfg, ecfg, weights, positions, i3d, vgg, 0, 1, ecfg.clips, bar)]
+    import ray
+
+    ray.init(logging_level=logging.WARNING)
+    parts = 4 * ecfg.workers  # more parts than tasks: a finer progress bar, and stragglers even out
+    limit = None if ecfg.clips is None else math.ceil(ecfg.clips / parts)
+    task = ray.remote(num_cpus=ecfg.cpus_per_worker)(_remote_part)
+    shared = [ray.put(x) for x in (model.state_dict(), cfg.model_dump(mode="json"), ecfg.model_dump(mode="json"))]
+    pending = [task.remote(*shared, weights, positions, i3d is not None, vgg is not None, rank, parts, limit)
+               for rank in range(parts)]
+    results = []
+    with tqdm(total=parts, unit="part", desc=f"evaluating on {ecfg.workers} Ray workers") as bar:
+        while pending:
+            done, pending = ray.wait(pending)
+            results += ray.get(done)
+            bar.update(len(done))
+    return results
+
+
+def _log(ecfg: EvaluateConfig, cfg, metrics: dict, curves: dict, parts: list[PartResult], notes: list[str],
+         table: str) -> str:
+    """Everything to MLflow: a run nested under the training run when --run is a run id."""
+    import mlflow
+
+    from kpscale.evaluate.plots import diversity_plot, tracking_plot
+    from kpscale.evaluate.trajectories import write_trajectories
+    from kpscale.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(ecfg.tracking_uri))
+    parent = None if Path(ecfg.run).is_dir() else mlflow.get_run(ecfg.run)
+    experiment = parent.info.experiment_id if parent else mlflow.set_experiment(cfg.tracking.experiment).experiment_id
+    with mlflow.start_run(experiment_id=experiment, run_name="evaluate",
+                          parent_run_id=parent.info.run_id if parent else None,
+                          tags={"kind": "evaluation", "model": ecfg.run}) as run:
+        mlflow.log_params({k: v for k, v in ecfg.flat().items() if v is not None})
+        mlflow.log_metrics(metrics)
+        obs = cfg.model.observed
+        by_frame: dict[int, dict[str, float]] = {}  # per-frame curves, the frame number as MLflow's step
+        for name, curve in curves.items():
+            first = 1 if name.startswith("tracking") else obs + 1  # tracking curves span the whole clip
+            for i, value in enumerate(curve):
+                if math.isfinite(value):
+                    by_frame.setdefault(first + i, {})[f"{name}_by_frame"] = float(value)
+        for frame, values in sorted(by_frame.items()):
+            mlflow.log_metrics(values, step=frame)
+        with tempfile.TemporaryDirectory() as folder:
+            out = Path(folder)
+            titles = {"psnr": "PSNR (dB)", "ssim": "SSIM", "vgg_cosine": "VGG cosine similarity"}
+            frame_metrics = {title: (curves[f"{name}_closest"], curves[f"{name}_furthest"])
+                             for name, title in titles.items() if f"{name}_closest" in curves}
+            diversity_plot(frame_metrics, obs + 1, out / "diversity.png")
+            if "tracking_null" in curves:
+                labels = {"tracking_observed": "keypoints, observed frames",
+                          "tracking_predicted": f"predicted, best of {ecfg.samples}",
+                          "tracking_no_dynamics": "no dynamics (last observed held)",
+                          "tracking_null": "null model (mean positions)"}
+                tracking_plot({label: curves[name] for name, label in labels.items()}, obs, out / "tracking.png")
+            write_trajectories([t for p in parts for t in p.tables], out / "trajectories.parquet")
+            (out / "summary.txt").write_text(table + "".join(f"\n{n}" for n in notes) + "\n")
+            mlflow.log_artifacts(folder, artifact_path="evaluation")
+        return run.info.run_id
+
+
+def summary_table(metrics: dict[str, float], samples: int) -> str:
+    rows = [("clips evaluated", f"{metrics['clips']:.0f}")]
+    labels = {"fvd": "FVD (lower is better)",
+              "psnr_closest": f"PSNR dB, closest of {samples}", "psnr_furthest": "PSNR dB, furthest",
+              "ssim_closest": f"SSIM, closest of {samples}", "ssim_furthest": "SSIM, furthest",
+              "vgg_cosine_closest": f"VGG cosine, closest of {samples}", "vgg_cosine_furthest": "VGG cosine, furthest",
+              "tracking_error_observed": "tracking error px, observed frames",
+              "tracking_error_predicted": f"tracking error px, predicted (best of {samples})",
+              "tracking_error_no_dynamics": "tracking error px, no dynamics",
+              "tracking_error_null": "tracking error px, null model"}
+    rows += [(label, f"{metrics[key]:.4g}") for key, label in labels.items() if key in metrics]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{name:<{width}}  {value:>10}" for name, value in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kpscale.evaluate.fvd import FVD
+    from kpscale.evaluate.frames import load_vgg
+    from kpscale.evaluate.i3d import load_i3d
+    from kpscale.predict import load_trained
+
+    try:
+        given = {k: v for k, v in vars(args).items() if v is not None and k != "per_clip"}
+        ecfg = validate(EvaluateConfig, given | {"per_object": not args.per_clip}, "command line")
+        total = sum(r.count for r in resolve_shards(ecfg.data))
+        model, cfg = load_trained(ecfg.run, ecfg.tracking_uri)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    notes = []
+    i3d, note = _optional(lambda p: FVD(load_i3d(p), "cpu"), ecfg.i3d)
+    notes += [note] if note else []
+    vgg, note = _optional(load_vgg, ecfg.vgg)
+    notes += [note] if note else []
+    weights, positions, note = _fit(model, cfg, ecfg)
+    notes += [note] if note else []
+    total = min(total, ecfg.clips or total)
+    log.info("evaluating %s on %d clips of %s: %d sampled futures each", ecfg.run, total, ecfg.data, ecfg.samples)
+    parts = _run_parts(model, cfg, ecfg, weights, positions, i3d, vgg, total)
+    metrics, curves = summarise(parts, cfg.model.observed)
+    table = summary_table(metrics, ecfg.samples)
+    run_id = _log(ecfg, cfg, metrics, curves, parts, notes, table)
+    print(f"\n{table}\n" + "".join(f"\nnote: {n}" for n in notes) + f"\n\nMLflow run {run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

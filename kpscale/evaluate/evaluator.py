@@ -1,0 +1,120 @@
+"""Held-out evaluation of a trained model: sampled futures scored by frame metrics, FVD features,
+tracking error against its baselines, and keypoint trajectories. `evaluate_part` does one part of
+the held-out clips (a Ray task, or the whole set in-process); `summarise` merges the parts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import Field
+
+from kpscale.config import Config
+from kpscale.evaluate import frames, tracking
+from kpscale.evaluate.fvd import FVD, fvd
+from kpscale.evaluate.snapshot import fixed_batches
+from kpscale.evaluate.trajectories import trajectory_table
+from kpscale.train.config import TrainConfig
+
+
+class EvaluateConfig(Config):
+    run: str  # MLflow run id of a training run, or a model folder (weights.pt + config.yaml)
+    data: str  # held-out shards: folder, glob, manifest or URL
+    fit_data: str | None = None  # training shards for the tracking regression; None: the run's data.train
+    samples: int = Field(10, ge=1)  # sampled futures per clip (the paper: 50 for tracking)
+    clips: int | None = Field(None, ge=1)  # held-out clips to evaluate; None: all
+    fit_clips: int = Field(256, ge=1)
+    batch_size: int = Field(8, ge=1)
+    workers: int = Field(1, ge=1)  # Ray tasks; 1 evaluates in this process
+    cpus_per_worker: int = Field(1, ge=1)
+    per_object: bool = True  # best sample chosen per object (the paper's Basketball rule)
+    i3d: str | None = None  # i3d_pretrained_400.pt; None: $KPSCALE_I3D_WEIGHTS, else FVD is unavailable
+    vgg: str | None = None  # torchvision vgg16 weights; None: $KPSCALE_VGG_WEIGHTS, else no VGG cosine
+    tracking_uri: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class PartResult:
+    """Per-clip arrays of one part; `summarise` concatenates them along the clip axis."""
+    keys: list[str] = field(default_factory=list)
+    arrays: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    tables: list[pa.Table] = field(default_factory=list)
+    skipped: int = 0
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        self.arrays.setdefault(name, []).append(value.detach().float().cpu().numpy())
+
+
+@torch.no_grad()
+def evaluate_part(model, cfg: TrainConfig, ecfg: EvaluateConfig, weights: torch.Tensor | None,
+                  fit_positions: torch.Tensor | None, i3d: FVD | None, vgg, rank: int, world: int,
+                  limit: int | None, progress=None) -> PartResult:
+    """Evaluate part `rank` of `world` of the held-out clips (up to `limit`) on the model's device.
+    `weights` is the tracking regression (None when the data has no coordinates); `i3d` (an FVD
+    feature extractor) and `vgg` may be None."""
+    torch.manual_seed(ecfg.seed + rank)
+    device = next(model.parameters()).device
+    obs, pred, size = cfg.model.observed, cfg.model.predicted, cfg.model.image_size
+    data = cfg.data.model_copy(update={"batch_size": ecfg.batch_size})
+    out = PartResult()
+    for batch in fixed_batches(ecfg.data, data, cfg.window, limit, rank, world):
+        video = batch["video"].to(device)
+        detected = model.detector(video - 0.5)[0]  # [B, T, K, 3]: every frame, for tracking and export
+        keypoints, generated = model.sample_future(video, pred, ecfg.samples)  # [B, S, T, ...]
+        b, s = keypoints.shape[:2]
+        truth = video[:, None, obs:].expand(-1, s, -1, -1, -1, -1).flatten(0, 1)
+        futures = generated[:, :, obs:].flatten(0, 1)
+        out.add("psnr", frames.psnr_per_step(futures, truth).unflatten(0, (b, s)))  # [B, S, P]
+        out.add("ssim", frames.ssim_per_step(futures, truth).unflatten(0, (b, s)))
+        if vgg is not None:
+            out.add("vgg_cosine", frames.vgg_cosine_per_step(vgg, futures, truth).unflatten(0, (b, s)))
+        if i3d is not None:  # real: the clip; generated: its observed frames, then the first sample's future
+            out.add("i3d_real", i3d.features(video))
+            out.add("i3d_fake", i3d.features(torch.cat([video[:, :obs], generated[:, 0, obs:]], 1)))
+        if weights is not None:
+            coords = batch["coords"].to(device)
+            out.add("track_observed", tracking.per_step_errors(weights, detected[:, :obs], coords[:, :obs]))
+            out.add("track_predicted", tracking.best_of_samples(weights, keypoints[:, :, obs:], coords[:, obs:],
+                                                                ecfg.per_object))
+            out.add("track_no_dynamics", tracking.per_step_errors(
+                weights, tracking.no_dynamics(detected[:, :obs], pred), coords[:, obs:]))
+            out.add("track_null", tracking.null_error_per_step(fit_positions, coords))
+        # Export the detected keypoints on observed frames, the sampled ones after.
+        exported = torch.cat([detected[:, None, :obs].expand(-1, s, -1, -1, -1), keypoints[:, :, obs:]], 2)
+        out.tables.append(trajectory_table(batch["key"], exported, obs, size, cfg.model.heatmap_size))
+        out.keys += batch["key"]
+        if progress is not None:
+            progress.update(b)
+    return out
+
+
+def summarise(parts: list[PartResult], observed: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Scalar metrics for MLflow and the summary table, and per-step curves for the plots.
+
+    Frame metrics are reported for the closest sample (the paper's headline view) and the
+    furthest, chosen per step; PSNR/SSIM/VGG cosine are all "higher is better"."""
+    arrays = {name: np.concatenate([a for p in parts for a in p.arrays.get(name, [])])
+              for name in {n for p in parts for n in p.arrays}}
+    metrics: dict[str, float] = {"clips": float(sum(len(p.keys) for p in parts))}
+    curves: dict[str, np.ndarray] = {}
+    for name in ("psnr", "ssim", "vgg_cosine"):
+        if name in arrays:
+            closest, furthest = arrays[name].max(1).mean(0), arrays[name].min(1).mean(0)  # [P]
+            curves[f"{name}_closest"], curves[f"{name}_furthest"] = closest, furthest
+            metrics[f"{name}_closest"], metrics[f"{name}_furthest"] = closest.mean(), furthest.mean()
+            metrics[f"{name}_mean"] = arrays[name].mean()
+    if "i3d_real" in arrays:
+        metrics["fvd"] = fvd(torch.from_numpy(arrays["i3d_real"]), torch.from_numpy(arrays["i3d_fake"]))
+    if "track_observed" in arrays:
+        curves["tracking_null"] = arrays["track_null"].mean(0)  # [T]
+        metrics["tracking_error_null"] = curves["tracking_null"].mean()
+        before, after = np.full(observed, np.nan), np.full(len(curves["tracking_null"]) - observed, np.nan)
+        for name in ("observed", "predicted", "no_dynamics"):
+            curve = arrays[f"track_{name}"].mean(0)
+            metrics[f"tracking_error_{name}"] = curve.mean()
+            # Laid on the clip's frames, NaN where a curve has no value.
+            curves[f"tracking_{name}"] = np.concatenate([curve, after] if name == "observed" else [before, curve])
+    return metrics, curves

@@ -1,0 +1,49 @@
+"""PNG plots for the MLflow UI: metrics per time step, where a person would rather look than read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on cluster nodes
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _mark_observed(ax, observed: int) -> None:
+    ax.axvspan(0.5, observed + 0.5, color="tab:green", alpha=0.08, label="observed frames")
+
+
+def diversity_plot(metrics: dict[str, tuple[np.ndarray, np.ndarray]], first_step: int, path: str | Path) -> Path:
+    """The paper's Figure 3 view: per predicted step, the sampled future closest to the truth and
+    the one furthest from it, for each frame metric {name: (closest [T], furthest [T])}."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, (name, (closest, furthest)) in zip(axes[0], metrics.items()):
+        steps = np.arange(first_step, first_step + len(closest))
+        ax.plot(steps, closest, "o-", label="closest sample")
+        ax.plot(steps, furthest, "s--", label="furthest sample")
+        ax.fill_between(steps, furthest, closest, alpha=0.15)
+        ax.set(xlabel="frame", title=name)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def tracking_plot(curves: dict[str, np.ndarray], observed: int, path: str | Path) -> Path:
+    """Tracking error in pixels per frame {label: [T] (NaN where a curve has no value)}."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    _mark_observed(ax, observed)
+    for label, values in curves.items():
+        ax.plot(np.arange(1, len(values) + 1), values, "o-", ms=3, label=label)
+    ax.set(xlabel="frame", ylabel="tracking error (px)", title="keypoints -> object positions (linear regression)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

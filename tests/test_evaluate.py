@@ -1,0 +1,139 @@
+"""python -m kpscale.evaluate on a tiny trained model: every metric, curve, plot and the Parquet
+trajectories land in an MLflow run nested under the training run; FVD and VGG cosine come
+from weight files loaded through the same path real checkpoints take (random weights here, so
+the numbers test the plumbing, not the scores)."""
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+from torch import nn
+
+from kpscale.evaluate.frames import VGG16
+from kpscale.evaluate.i3d import I3D
+from kpscale.evaluate.trajectories import read_trajectories
+from kpscale.models import build_model
+from kpscale.train.config import load_train_config
+from conftest import ROOT, TINY_MODEL
+
+SAMPLES, CLIPS = 3, 6
+
+
+def _he_init(model: nn.Module) -> nn.Module:
+    for m in model.modules():  # PyTorch's default init leaves random I3D logits nearly constant
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+            nn.init.kaiming_normal_(m.weight)
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained_run(basketball, tmp_path_factory):
+    """A tiny Struct-VRNN after a few Adam steps, logged as a training run's `model/` artifacts."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    cfg = load_train_config(None, [*TINY_MODEL, f"data.train={basketball / 'train'}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    for step in range(3):
+        loss = model(torch.rand(2, cfg.window, 3, 64, 64), step, decode_predictions=False)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    folder = tmp / "model"
+    folder.mkdir()
+    torch.save(model.state_dict(), folder / "weights.pt")
+    (folder / "config.yaml").write_text(cfg.to_yaml())
+    torch.save(_he_init(I3D()).state_dict(), tmp / "i3d_pretrained_400.pt")
+    torch.save(_he_init(VGG16()).state_dict(), tmp / "vgg16.pth")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(experiment_id=mlflow.set_experiment("kpscale").experiment_id, run_name="train") as run:
+        mlflow.log_artifacts(str(folder), artifact_path="model")
+    return {"tmp": tmp, "uri": uri, "run_id": run.info.run_id, "cfg": cfg}
+
+
+def evaluate(trained_run, basketball, *extra):
+    tmp = trained_run["tmp"]
+    return subprocess.run(
+        [sys.executable, "-m", "kpscale.evaluate", "--run", trained_run["run_id"], "--data", str(basketball / "test"),
+         "--fit-data", str(basketball / "train"), "--samples", str(SAMPLES), "--clips", str(CLIPS),
+         "--batch-size", "3", "--fit-clips", "16", "--i3d", str(tmp / "i3d_pretrained_400.pt"),
+         "--vgg", str(tmp / "vgg16.pth"), "--tracking-uri", trained_run["uri"], *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _child(client, trained_run, run_id):
+    run = client.get_run(run_id)
+    assert run.data.tags["mlflow.parentRunId"] == trained_run["run_id"]  # nested under the training run
+    return run
+
+
+def _check_run(trained_run, result, clips=CLIPS):
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow.MlflowClient(trained_run["uri"])
+    run = _child(client, trained_run, result.stdout.strip().rsplit(" ", 1)[-1])
+    m = run.data.metrics
+    for name in ("fvd", "psnr_closest", "psnr_furthest", "ssim_closest", "ssim_furthest", "vgg_cosine_closest",
+                 "vgg_cosine_furthest", "tracking_error_observed", "tracking_error_predicted",
+                 "tracking_error_no_dynamics", "tracking_error_null"):
+        assert name in m, name
+    assert m["clips"] == clips and m["fvd"] >= 0
+    for name in ("psnr", "ssim", "vgg_cosine"):  # the closest sample is never further than the furthest
+        assert m[f"{name}_closest"] >= m[f"{name}_mean"] >= m[f"{name}_furthest"]
+    cfg = trained_run["cfg"].model
+    history = client.get_metric_history(run.info.run_id, "psnr_closest_by_frame")
+    assert [h.step for h in history] == list(range(cfg.observed + 1, cfg.steps + 1))
+    history = client.get_metric_history(run.info.run_id, "tracking_null_by_frame")
+    assert [h.step for h in history] == list(range(1, cfg.steps + 1))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert artifacts == {f"evaluation/{n}" for n in ("diversity.png", "tracking.png", "trajectories.parquet",
+                                                      "summary.txt")}
+    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation/trajectories.parquet",
+                                               tracking_uri=trained_run["uri"])
+    table = read_trajectories(path)
+    assert table.num_rows == clips * SAMPLES * cfg.steps * cfg.num_keypoints
+    assert len(set(table.column("clip").to_pylist())) == clips  # every clip once, none twice
+    assert "FVD (lower is better)" in result.stdout and "tracking error px, null model" in result.stdout
+    return m
+
+
+def test_evaluate_logs_every_metric_plot_and_trajectory(trained_run, basketball):
+    _check_run(trained_run, evaluate(trained_run, basketball))
+
+
+@pytest.mark.slow
+def test_evaluate_over_ray_workers_matches_in_process(trained_run, basketball):
+    """Clips split over Ray tasks: the same clips, so the same deterministic metrics."""
+    single = _check_run(trained_run, evaluate(trained_run, basketball, "--clips", "10"), clips=10)
+    spread = _check_run(trained_run, evaluate(trained_run, basketball, "--clips", "10", "--workers", "2"), clips=10)
+    for name in ("tracking_error_observed", "tracking_error_null", "tracking_error_no_dynamics"):
+        assert spread[name] == pytest.approx(single[name], rel=1e-5), name
+
+
+def test_evaluate_without_weights_reports_fvd_unavailable(trained_run, basketball, monkeypatch):
+    monkeypatch.delenv("KPSCALE_I3D_WEIGHTS", raising=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "kpscale.evaluate", "--run", trained_run["run_id"], "--data", str(basketball / "test"),
+         "--fit-data", str(basketball / "train"), "--samples", "2", "--clips", "3", "--fit-clips", "8",
+         "--tracking-uri", trained_run["uri"]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FVD is unavailable" in result.stdout and "KPSCALE_I3D_WEIGHTS" in result.stdout
+    run = mlflow.MlflowClient(trained_run["uri"]).get_run(result.stdout.strip().rsplit(" ", 1)[-1])
+    assert "fvd" not in run.data.metrics and "vgg_cosine_closest" not in run.data.metrics  # no made-up numbers
+    assert "psnr_closest" in run.data.metrics
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--data", "/no/such/shards"], ["/no/such/shards"]),
+    (["--samples", "0"], ["samples", "0"]),
+])
+def test_evaluate_refuses_bad_input(trained_run, basketball, args, words):
+    base = {"--run": trained_run["run_id"], "--data": str(basketball / "test")}
+    base.update(dict(zip(args[::2], args[1::2])))
+    result = subprocess.run([sys.executable, "-m", "kpscale.evaluate", *[x for kv in base.items() for x in kv],
+                             "--tracking-uri", trained_run["uri"]], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    for word in words:
+        assert word in result.stderr
