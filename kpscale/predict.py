@@ -1,4 +1,4 @@
-"""python -m kpscale.predict --run RUN --video FILE [--future 24] [--samples 5] --out OUT.mp4
+"""python -m kpscale.predict --run RUN --video FILE [--observed 8] [--future 24] [--samples 5] [--move K:DX,DY] --out OUT.mp4
 
 Loads a trained model (the `model/` artifacts a training run logs to MLflow, or a folder holding
 weights.pt and config.yaml), reads any video, observes its first frames and writes an mp4 with
@@ -18,7 +18,7 @@ from kpscale.config import ConfigError
 from kpscale.data.card import Encoding
 from kpscale.data.sources.folder import fit
 from kpscale.data.video import decode_mp4, encode_mp4
-from kpscale.evaluate.media import draw_keypoints
+from kpscale.evaluate.media import draw_keypoints, pixel_offsets
 from kpscale.models import build_model
 from kpscale.train.config import load_train_config
 
@@ -45,21 +45,44 @@ def load_trained(run: str, tracking_uri: str | None = None) -> tuple[torch.nn.Mo
     return model.eval(), cfg
 
 
+def _frames(decoded: torch.Tensor, keypoints: torch.Tensor, heatmap_size: int) -> list[np.ndarray]:
+    """Sampled futures [S, T, 3, H, W] with their keypoints [S, T, K, 3] drawn: one column each."""
+    rgb = (decoded.clamp(0, 1) * 255).round().byte().permute(0, 1, 3, 4, 2).numpy()
+    return [draw_keypoints(rgb[s], keypoints[s], heatmap_size) for s in range(len(rgb))]
+
+
 @torch.no_grad()
-def predict(model, cfg, video: torch.Tensor, future: int, samples: int) -> np.ndarray:
-    """uint8 frames [T, H, (1 + samples) * W, 3]: the input, then each sampled future."""
+def predict(model, cfg, video: torch.Tensor, future: int, samples: int, observed: int | None = None,
+            moves: dict[int, tuple[float, float]] | None = None, seed: int = 0) -> np.ndarray:
+    """uint8 frames [T, H, (1 + samples) * W, 3]: the input, then each sampled future. With `moves`
+    ({keypoint: (dx, dy) pixels}) the observed keypoints are shifted (paper Sec. 5.4) and the
+    manipulated futures follow the original ones, drawn with the same noise, so the two differ
+    only by the manipulation: [T, H, (1 + 2 * samples) * W, 3]."""
     frames, _, _ = fit(video, cfg.model.image_size, "crop")
     clip = frames[None].float() / 255
-    keypoints, decoded = model.sample_future(clip, future, samples)  # [1, S, T, ...]
+    torch.manual_seed(seed)
+    keypoints, decoded = model.sample_future(clip, future, samples, observed)  # [1, S, T, ...]
     steps = keypoints.shape[2]
     truth = np.zeros((steps, *frames.shape[2:], 3), np.uint8)
     shown = frames[:steps].permute(0, 2, 3, 1).numpy()
     truth[:len(shown)] = shown  # black where the input video has ended
-    columns = [truth]
-    for s in range(samples):
-        rgb = (decoded[0, s].clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-        columns.append(draw_keypoints(rgb, keypoints[0, s], cfg.model.heatmap_size))
+    columns = [truth, *_frames(decoded[0], keypoints[0], cfg.model.heatmap_size)]
+    if moves:
+        offsets = pixel_offsets(moves, cfg.model.num_keypoints, cfg.model.heatmap_size, cfg.model.image_size)
+        torch.manual_seed(seed)
+        keypoints, decoded = model.sample_future(clip, future, samples, observed, offsets)
+        columns += _frames(decoded[0], keypoints[0], cfg.model.heatmap_size)
     return np.concatenate(columns, axis=2)
+
+
+def parse_move(text: str) -> tuple[int, tuple[float, float]]:
+    """'K:DX,DY' -> (K, (DX, DY))."""
+    try:
+        k, offset = text.split(":")
+        dx, dy = offset.split(",")
+        return int(k), (float(dx), float(dy))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--move {text!r}: expected K:DX,DY, e.g. 3:10,-5") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +90,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="MLflow run id of a training run, or a model folder")
     parser.add_argument("--video", required=True, help="any video file ffmpeg reads (mp4, avi, mkv, webm)")
+    parser.add_argument("--observed", type=int, help="frames to observe (default: the model's model.observed)")
     parser.add_argument("--future", type=int, default=24, help="frames to predict after the observed ones")
     parser.add_argument("--samples", type=int, default=5, help="sampled futures shown side by side")
+    parser.add_argument("--move", type=parse_move, action="append", default=[], metavar="K:DX,DY",
+                        help="counterfactual: shift keypoint K by (DX, DY) pixels (x right, y down) in every observed "
+                             "frame, and show the manipulated futures beside the original ones (repeatable)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--out", required=True, help="output mp4")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     args = parser.parse_args(argv)
@@ -77,16 +105,19 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.video).is_file():
             raise ConfigError(f"--video {args.video}: no such file")
         video = decode_mp4(args.video)
-        if len(video) < cfg.model.observed:
-            raise ConfigError(f"--video {args.video}: {len(video)} frames, the model observes {cfg.model.observed}")
-        frames = predict(model, cfg, video[:cfg.model.observed + args.future], args.future, args.samples)
+        observed = args.observed or cfg.model.observed
+        if len(video) < observed:
+            raise ConfigError(f"--video {args.video}: {len(video)} frames, --observed is {observed}")
+        frames = predict(model, cfg, video[:observed + args.future], args.future, args.samples, observed,
+                         dict(args.move), args.seed)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # yuv420p: the output is for people and players, which rarely play 4:4:4.
     data = encode_mp4(torch.from_numpy(frames).permute(0, 3, 1, 2), 8.0, Encoding(pixel_format="yuv420p", crf=18))
     Path(args.out).write_bytes(data)
-    print(f"{args.out}: {cfg.model.observed} observed + {args.future} predicted frames, input and {args.samples} samples")
+    shown = f"input, {args.samples} samples" + (f" and the same {args.samples} with keypoints moved" if args.move else "")
+    print(f"{args.out}: {observed} observed + {args.future} predicted frames; {shown}")
     return 0
 
 

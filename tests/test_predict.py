@@ -2,12 +2,15 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from kpscale.data.card import BasketballOptions, Encoding
 from kpscale.data.sources.basketball import make_clip
 from kpscale.data.video import decode_mp4, encode_mp4
+from kpscale.evaluate.media import keypoint_pixels, pixel_offsets
 from kpscale.models import build_model
+from kpscale.predict import predict
 from kpscale.train.config import load_train_config
 from conftest import ROOT, TINY_MODEL
 
@@ -34,3 +37,51 @@ def test_predict_names_a_bad_run(tmp_path):
     result = subprocess.run([sys.executable, "-m", "kpscale.predict", "--run", str(tmp_path), "--video", "x.mp4",
                              "--out", str(tmp_path / "o.mp4")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "weights.pt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pixel_offsets_move_a_drawn_keypoint_by_exactly_those_pixels():
+    keypoints = torch.tensor([[0.1, -0.3, 1.0], [0.5, 0.5, 1.0]])
+    offsets = pixel_offsets({1: (6.0, -4.0)}, 2, heatmap_size=16, image_size=64)
+    moved = keypoints.clone()
+    moved[:, :2] += offsets
+    before, after = keypoint_pixels(keypoints, 16, 64), keypoint_pixels(moved, 16, 64)
+    np.testing.assert_allclose(after - before, [[0, 0], [6, -4]], atol=1e-5)  # x right, y down
+    with pytest.raises(ValueError, match="keypoint 2"):
+        pixel_offsets({2: (1.0, 1.0)}, 2, 16, 64)
+
+
+def test_moving_a_keypoint_moves_what_the_decoder_draws():
+    """The decoder's change when keypoint 0 moves from A to B is where it went and where it left,
+    nothing elsewhere: the manipulation moves the object drawn for that keypoint."""
+    cfg = load_train_config(None, TINY_MODEL)
+    model = build_model(cfg.model).eval()
+    torch.manual_seed(0)
+    first = torch.rand(1, 3, 64, 64) - 0.5
+    keypoints = torch.zeros(1, 1, cfg.model.num_keypoints, 3)
+    keypoints[0, 0, 0] = torch.tensor([-0.5, 0.5, 1.0])  # A: top-left quadrant (y is up)
+    offsets = pixel_offsets({0: (32.0, 32.0)}, cfg.model.num_keypoints, cfg.model.heatmap_size, 64)
+    moved = keypoints.clone()
+    moved[..., :2] += offsets  # B: 32 px right and 32 px down
+    with torch.no_grad():
+        change = (model.decoder(moved, first, keypoints[:, 0]) - model.decoder(keypoints, first, keypoints[:, 0]))
+    change = change.abs().sum(2)[0, 0]  # [H, W]
+    (ax, ay), (bx, by) = (keypoint_pixels(k[0, 0, :1], cfg.model.heatmap_size, 64)[0] for k in (keypoints, moved))
+    ys, xs = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing="ij")
+    near_b = (xs - bx).hypot(ys - by) < 20  # 3 sigma of the Gaussian map plus the receptive field
+    near_a = (xs - ax).hypot(ys - ay) < 20
+    assert change[near_b].sum() > 0.1
+    assert change[~(near_a | near_b)].sum() < 1e-3 * change[near_b].sum()
+
+
+def test_predict_with_a_moved_keypoint_shows_original_and_manipulated_futures(tmp_path):
+    cfg = load_train_config(None, TINY_MODEL)
+    model = build_model(cfg.model).eval()
+    frames, _ = make_clip(BasketballOptions(), 12, 64, np.random.default_rng(1))
+    plain = predict(model, cfg, frames, future=4, samples=2, observed=6)
+    both = predict(model, cfg, frames, future=4, samples=2, observed=6, moves={0: (8.0, 0.0)})
+    assert plain.shape == (10, 64, 3 * 64, 3) and both.shape == (10, 64, 5 * 64, 3)
+    np.testing.assert_array_equal(both[:, :, :3 * 64], plain)  # same seed: the originals are unchanged
+    assert not np.array_equal(both[:, :, 3 * 64:], plain[:, :, 64:])  # the manipulation changed the futures
+    result = subprocess.run([sys.executable, "-m", "kpscale.predict", "--run", "x", "--video", "x.mp4",
+                             "--move", "3", "--out", str(tmp_path / "o.mp4")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "K:DX,DY" in result.stderr

@@ -25,6 +25,20 @@ def keypoint_pixels(keypoints: torch.Tensor, heatmap_size: int, image_size: int)
     return cells * image_size / heatmap_size
 
 
+def pixel_offsets(moves: dict[int, tuple[float, float]], num_keypoints: int, heatmap_size: int,
+                  image_size: int) -> torch.Tensor:
+    """{keypoint: (dx, dy) in image pixels, x right and y down} -> offsets [K, 2] in keypoint
+    units (y up): the inverse of `keypoint_pixels`' scale, so a moved keypoint is drawn exactly
+    (dx, dy) pixels away."""
+    scale = 2 * heatmap_size / ((heatmap_size - 1) * image_size)
+    offsets = torch.zeros(num_keypoints, 2)
+    for k, (dx, dy) in moves.items():
+        if not 0 <= k < num_keypoints:
+            raise ValueError(f"keypoint {k} does not exist: the model has {num_keypoints} (0-{num_keypoints - 1})")
+        offsets[k] = torch.tensor([dx * scale, -dy * scale])
+    return offsets
+
+
 def draw_keypoints(frames: np.ndarray, keypoints: torch.Tensor, heatmap_size: int) -> np.ndarray:
     """Dots on frames [T, H, W, 3] uint8, one colour per keypoint, opacity mu."""
     out = frames.astype(np.float32)

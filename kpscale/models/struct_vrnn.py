@@ -136,18 +136,20 @@ class VRNN(nn.Module):
                                      nn.Linear(cfg.hidden_size, kp), nn.Tanh())
 
     def forward(self, keypoints: Tensor, steps: int, p_true: tuple[float, float] = (0.0, 0.0),
-                num_samples: int = 1) -> tuple[Tensor, Tensor]:
+                num_samples: int = 1, observed: int | None = None) -> tuple[Tensor, Tensor]:
         """Detected keypoints [B, T, K, 3] (T >= observed; they are the best-of-many and
         teacher-forcing targets while t < T) -> predicted keypoints [B, steps, K, 3] and the KL
-        [B, observed]. Observed steps sample the posterior, later steps the prior."""
+        [B, observed]. Observed steps (the config's unless given) sample the posterior, later
+        steps the prior."""
         b, known, k, _ = keypoints.shape
+        observed = self.observed if observed is None else observed
         x = keypoints.flatten(2).to(self.rnn.weight_ih.dtype)  # bf16 when the weights are (DeepSpeed bf16)
         h = x.new_zeros(b, self.rnn.hidden_size)
         rows = torch.arange(b, device=x.device)
         outputs, kls = [], []
         for t in range(steps):
             prior_mean, prior_std = self.prior(h)
-            if t < self.observed:
+            if t < observed:
                 mean, std = self.posterior(torch.cat([h, x[:, t]], -1))
                 kls.append(gaussian_kl(mean, std, prior_mean, prior_std))
             else:
@@ -159,7 +161,7 @@ class VRNN(nn.Module):
             pick = best_of_many(samples.float(), x[:, t].float()) if num_samples > 1 and t < known else 0
             z, pred = z[pick, rows], samples[pick, rows]
             outputs.append(pred)
-            p = 0.0 if t >= known else p_true[0] if t < self.observed else p_true[1]
+            p = 0.0 if t >= known else p_true[0] if t < observed else p_true[1]
             # One coin per sequence (official: one per batch), for less gradient noise.
             rnn_kp = torch.where(torch.rand(b, 1, device=x.device) < p, x[:, t], pred) if p > 0 else pred
             h = self.rnn(torch.cat([rnn_kp, z], -1), h)
@@ -216,16 +218,27 @@ class StructVRNN(nn.Module):
         return out
 
     @torch.no_grad()
-    def sample_future(self, video: Tensor, future: int, num_samples: int) -> tuple[Tensor, Tensor]:
-        """Condition on the first `observed` frames of video [B, T, 3, H, W] and draw
-        `num_samples` futures of `future` steps: keypoints [B, S, observed + future, K, 3] and
-        frames [B, S, observed + future, 3, H, W] in [0, 1], without teacher forcing or best of
-        many (they need the future), as the official code does at test time."""
+    def sample_future(self, video: Tensor, future: int, num_samples: int, observed: int | None = None,
+                      offsets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Condition on the first `observed` frames (the config's unless given) of video
+        [B, T, 3, H, W] and draw `num_samples` futures of `future` steps: keypoints
+        [B, S, observed + future, K, 3] and frames [B, S, observed + future, 3, H, W] in [0, 1],
+        without teacher forcing or best of many (they need the future), as the official code
+        does at test time.
+
+        `offsets` [K, 2] moves the detected (x, y) of every observed frame before the dynamics
+        roll forward: the paper's keypoint manipulation (Sec. 5.4). The decoder keeps the unmoved
+        first frame and keypoints as its reference, so it draws a moved object where its keypoint
+        now is and fills in where it was."""
         cfg = self.cfg
-        frames = video[:, :cfg.observed] - 0.5
-        keypoints = self.detector(frames)[0].repeat_interleave(num_samples, 0)
-        predicted = self.dynamics(keypoints, cfg.observed + future)[0]
+        observed = observed or cfg.observed
+        frames = video[:, :observed] - 0.5
+        detected = self.detector(frames)[0]
+        conditioned = detected if offsets is None else torch.cat(
+            [detected[..., :2] + offsets.to(detected), detected[..., 2:]], -1)
+        predicted = self.dynamics(conditioned.repeat_interleave(num_samples, 0), observed + future,
+                                  observed=observed)[0]
         first = frames[:, 0].repeat_interleave(num_samples, 0)
-        decoded = self.decoder(predicted, first, keypoints[:, 0])
+        decoded = self.decoder(predicted, first, detected[:, 0].repeat_interleave(num_samples, 0))
         b = video.shape[0]
         return predicted.unflatten(0, (b, num_samples)), (decoded + 0.5).clamp(0, 1).unflatten(0, (b, num_samples))
