@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -23,6 +24,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for_job_agent(env: dict, address: str, timeout: float = 120) -> None:
+    """`ray start` returns before the node's job agent has registered; on a loaded machine a
+    submission then fails with "No available agent". Submit a no-op job until one is taken."""
+    deadline = time.time() + timeout
+    while True:
+        probe = subprocess.run([f"{VENV_BIN}/ray", "job", "submit", "--address", address, "--", "python", "-c", "0"],
+                               env=env, capture_output=True, text=True, timeout=120)
+        if probe.returncode == 0:
+            return
+        assert "No available agent" in probe.stdout + probe.stderr, probe.stdout[-2000:] + probe.stderr[-2000:]
+        assert time.time() < deadline, "the Ray job agent did not come up"
+        time.sleep(2)
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     # The job's `python` is the first on PATH of the head's processes: the project's venv.
@@ -35,8 +50,10 @@ def ray_head(tmp_path):
                             "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
                            env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
+    address = f"http://127.0.0.1:{dashboard}"
     try:
-        yield env, f"http://127.0.0.1:{dashboard}"
+        _wait_for_job_agent(env, address)
+        yield env, address
     finally:
         subprocess.run([f"{VENV_BIN}/ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
