@@ -1,4 +1,4 @@
-"""python -m kpscale.bench {data,train}: benchmarks that print side-by-side ratios measured in one run.
+"""python -m kpscale.bench {data,train,evaluate}: benchmarks that print side-by-side ratios measured in one run.
 Figures and the commands that made them are kept in docs/benchmarks.md."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from kpscale.bench import data, train
+from kpscale.bench import data, evaluate, train
 from kpscale.config import parse_with_overrides
 
 
@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="Ray Train + DeepSpeed vs a bare loop, reader vs step, memory per ZeRO stage")
     train.add_arguments(p)
     p.set_defaults(run=train.run)
+    p = sub.add_parser("evaluate", help="kpscale.evaluate clips/s with N samples: in-process, with I3D, over Ray")
+    evaluate.add_arguments(p)
+    p.set_defaults(run=evaluate.run)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parse_with_overrides(parser, argv)
     figures = args.run(args)
