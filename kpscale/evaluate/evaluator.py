@@ -42,7 +42,6 @@ class PartResult:
     keys: list[str] = field(default_factory=list)
     arrays: dict[str, list[np.ndarray]] = field(default_factory=dict)
     tables: list[pa.Table] = field(default_factory=list)
-    skipped: int = 0
 
     def add(self, name: str, value: torch.Tensor) -> None:
         self.arrays.setdefault(name, []).append(value.detach().float().cpu().numpy())
