@@ -18,7 +18,7 @@ from kpscale.config import ConfigError
 from kpscale.data.card import Encoding
 from kpscale.data.sources.folder import fit
 from kpscale.data.video import decode_mp4, encode_mp4
-from kpscale.evaluate.media import draw_keypoints, pixel_offsets
+from kpscale.evaluate.media import draw_keypoints, pixel_offsets, to_rgb
 from kpscale.models import build_model
 from kpscale.train.config import load_train_config
 
@@ -47,8 +47,7 @@ def load_trained(run: str, tracking_uri: str | None = None) -> tuple[torch.nn.Mo
 
 def _frames(decoded: torch.Tensor, keypoints: torch.Tensor, heatmap_size: int) -> list[np.ndarray]:
     """Sampled futures [S, T, 3, H, W] with their keypoints [S, T, K, 3] drawn: one column each."""
-    rgb = (decoded.clamp(0, 1) * 255).round().byte().permute(0, 1, 3, 4, 2).numpy()
-    return [draw_keypoints(rgb[s], keypoints[s], heatmap_size) for s in range(len(rgb))]
+    return [draw_keypoints(to_rgb(frames), points, heatmap_size) for frames, points in zip(decoded, keypoints)]
 
 
 @torch.no_grad()
@@ -75,6 +74,12 @@ def predict(model, cfg, video: torch.Tensor, future: int, samples: int, observed
     return np.concatenate(columns, axis=2)
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
 def parse_move(text: str) -> tuple[int, tuple[float, float]]:
     """'K:DX,DY' -> (K, (DX, DY))."""
     try:
@@ -90,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="MLflow run id of a training run, or a model folder")
     parser.add_argument("--video", required=True, help="any video file ffmpeg reads (mp4, avi, mkv, webm)")
-    parser.add_argument("--observed", type=int, help="frames to observe (default: the model's model.observed)")
-    parser.add_argument("--future", type=int, default=24, help="frames to predict after the observed ones")
-    parser.add_argument("--samples", type=int, default=5, help="sampled futures shown side by side")
+    parser.add_argument("--observed", type=positive, help="frames to observe (default: the model's model.observed)")
+    parser.add_argument("--future", type=positive, default=24, help="frames to predict after the observed ones")
+    parser.add_argument("--samples", type=positive, default=5, help="sampled futures shown side by side")
     parser.add_argument("--move", type=parse_move, action="append", default=[], metavar="K:DX,DY",
                         help="counterfactual: shift keypoint K by (DX, DY) pixels (x right, y down) in every observed "
                              "frame, and show the manipulated futures beside the original ones (repeatable)")

@@ -85,3 +85,11 @@ def test_predict_with_a_moved_keypoint_shows_original_and_manipulated_futures(tm
     result = subprocess.run([sys.executable, "-m", "kpscale.predict", "--run", "x", "--video", "x.mp4",
                              "--move", "3", "--out", str(tmp_path / "o.mp4")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "K:DX,DY" in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--observed", "--future", "--samples"])
+def test_predict_refuses_a_non_positive_count(tmp_path, flag):
+    result = subprocess.run([sys.executable, "-m", "kpscale.predict", "--run", "x", "--video", "x.mp4", flag, "0",
+                             "--out", str(tmp_path / "o.mp4")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and flag in result.stderr and "positive" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -39,6 +39,11 @@ def pixel_offsets(moves: dict[int, tuple[float, float]], num_keypoints: int, hea
     return offsets
 
 
+def to_rgb(frames: torch.Tensor) -> np.ndarray:
+    """Frames [T, 3, H, W] in [0, 1] -> uint8 [T, H, W, 3] for images and videos."""
+    return (frames.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def draw_keypoints(frames: np.ndarray, keypoints: torch.Tensor, heatmap_size: int) -> np.ndarray:
     """Dots on frames [T, H, W, 3] uint8, one colour per keypoint, opacity mu."""
     out = frames.astype(np.float32)
@@ -58,11 +63,8 @@ def draw_keypoints(frames: np.ndarray, keypoints: torch.Tensor, heatmap_size: in
 def panel(video: torch.Tensor, reconstruction: torch.Tensor, keypoints: torch.Tensor, predicted: torch.Tensor,
           observed: int, heatmap_size: int, scale: int = 3) -> np.ndarray:
     """One clip's frames [T, H', W', 3] uint8; inputs [T, 3, H, W] in [0, 1] and keypoints [T, K, 3]."""
-    def rgb(x: torch.Tensor) -> np.ndarray:
-        return (x.float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-    truth = rgb(video)
-    columns = [truth, rgb(reconstruction), draw_keypoints(truth, keypoints, heatmap_size), rgb(predicted)]
+    truth = to_rgb(video)
+    columns = [truth, to_rgb(reconstruction), draw_keypoints(truth, keypoints, heatmap_size), to_rgb(predicted)]
     t, h, w, _ = truth.shape
     frames = np.zeros((t, h + 4, len(columns) * (w + 4), 3), np.uint8)
     for step in range(t):
