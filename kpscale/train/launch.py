@@ -44,27 +44,50 @@ def dataset_name(spec: str) -> str:
 
 
 def run(cfg: TrainConfig):
+    """Join the Ray cluster (RAY_ADDRESS, the job's cluster, else a new local one) and train."""
     import ray
+
+    ray.init(logging_level=logging.WARNING)
+    check_fits_cluster(cfg)
+    return fit(cfg)
+
+
+def check_fits_cluster(cfg: TrainConfig) -> None:
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus = cfg.train.workers * cfg.train.cpus_per_worker
+    if cpus > resources.get("CPU", 0) or (uses_gpu(cfg) and cfg.train.workers > resources.get("GPU", 0)):
+        raise ConfigError(f"train.workers={cfg.train.workers} x train.cpus_per_worker={cfg.train.cpus_per_worker}"
+                          f"{' and one GPU each' if uses_gpu(cfg) else ''} do not fit the Ray cluster "
+                          f"({resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs)")
+
+
+def uses_gpu(cfg: TrainConfig) -> bool:
+    import ray
+
+    return cfg.train.use_gpu if cfg.train.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+
+
+def fit(cfg: TrainConfig, parent_run_id: str | None = None, callbacks: list | None = None, tags: dict | None = None):
+    """Fit a TorchTrainer on the connected Ray cluster, logging to the run's MLflow run (a child
+    of `parent_run_id` in a sweep). `callbacks` are Ray Train UserCallbacks, e.g. Tune's."""
+    import mlflow
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from kpscale.tracking import git_commit, open_run, tracking_uri
     from kpscale.train.loop import train_loop
 
-    ray.init(logging_level=logging.WARNING)  # joins RAY_ADDRESS or the job's cluster, else starts one
-    resources = ray.cluster_resources()
-    use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else resources.get("GPU", 0) > 0
-    cpus = cfg.train.workers * cfg.train.cpus_per_worker
-    if cpus > resources.get("CPU", 0) or (use_gpu and cfg.train.workers > resources.get("GPU", 0)):
-        raise ConfigError(f"train.workers={cfg.train.workers} x train.cpus_per_worker={cfg.train.cpus_per_worker}"
-                          f"{' and one GPU each' if use_gpu else ''} do not fit the Ray cluster "
-                          f"({resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs)")
+    use_gpu = uses_gpu(cfg)
     storage = cfg.train.storage if "://" in cfg.train.storage else str(Path(cfg.train.storage).resolve())
     uri = tracking_uri(cfg.tracking.uri)
     marker = f"{storage}/{cfg.train.run_name}/mlflow_run_id"
-    run_id = open_run(uri, cfg.tracking.experiment, marker, cfg.train.run_name, cfg,
-                      tags={"git_commit": git_commit(), "dataset": dataset_name(cfg.data.train),
-                            "model": type(cfg.model).__name__})
+    run_tags = {"git_commit": git_commit(), "dataset": dataset_name(cfg.data.train), "model": type(cfg.model).__name__,
+                **(tags or {})}
+    if parent_run_id:
+        run_tags["mlflow.parentRunId"] = parent_run_id  # shown nested under the sweep in the MLflow UI
+    run_id = open_run(uri, cfg.tracking.experiment, marker, cfg.train.run_name, cfg, tags=run_tags)
     log.info("MLflow run %s in %s; checkpoints in %s/%s", run_id, uri, storage, cfg.train.run_name)
     trainer = TorchTrainer(
         train_loop,
@@ -72,11 +95,12 @@ def run(cfg: TrainConfig):
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(storage_path=storage, name=cfg.train.run_name,
+        run_config=RunConfig(storage_path=storage, name=cfg.train.run_name, callbacks=callbacks or [],
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)))
-    import mlflow
-
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             # Ray starts workers at niceness 15 so its own processes stay responsive;
+                             # a training worker is the work itself and should not yield to them.
+                             worker_runtime_env={"env_vars": {"RAY_worker_niceness": "0"}}))
     try:
         result = trainer.fit()
     except BaseException:
