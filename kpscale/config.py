@@ -57,15 +57,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of `tree` with each `a.b.c=value` set; unknown keys are left for validation."""
+    return with_values(tree, {".".join(path): value for path, value in map(parse_override, overrides)})
+
+
+def with_values(tree: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of `tree` with each dotted key set to its value."""
     tree = _deepcopy(tree)
-    for text in overrides:
-        path, value = parse_override(text)
-        node = tree
+    for key, value in values.items():
+        path, node = key.split("."), tree
         for i, part in enumerate(path[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                where = ".".join(path[: i + 1])
-                raise ConfigError(f"override {text!r}: {where} is a value ({child!r}), not a section")
+                raise ConfigError(f"{key}: {'.'.join(path[: i + 1])} is a value ({child!r}), not a section")
             node = child
         node[path[-1]] = value
     return tree

@@ -35,6 +35,9 @@ class TrainSection(Config):
     max_failures: int = Field(2, ge=0)  # worker failures survived by restarting from a checkpoint
     storage: str = "runs"  # Ray Train storage: checkpoints; shared storage on a multi-node cluster
     run_name: str = Field("struct_vrnn-basketball", pattern=r"^[A-Za-z0-9_.-]+$")  # same name: resume
+    # A checkpoint folder (or URI) a new run starts from, step and optimizer included; a run
+    # with checkpoints of its own resumes from those instead. Sweeps use it for PBT.
+    init_checkpoint: str | None = None
 
 
 class TrackingSection(Config):

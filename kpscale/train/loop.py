@@ -42,6 +42,8 @@ def train_loop(config: dict) -> None:
                                       config=deepspeed_config(cfg.train, cfg.data.batch_size, bf16))
     step, epoch = 0, 0
     restored = ray.train.get_checkpoint()
+    if restored is None and cfg.train.init_checkpoint:
+        restored = ray.train.Checkpoint(cfg.train.init_checkpoint)
     if restored:
         with restored.as_directory() as folder:
             state = checkpoint.load(engine, folder, rank)
@@ -58,6 +60,7 @@ def train_loop(config: dict) -> None:
                  "%d torch threads per worker", type(model).__name__, loader.num_samples, len(loader), world,
                  cfg.train.zero_stage, "bf16" if bf16 else "fp32", torch.get_num_threads())
     meter = Meter()
+    latest: dict[str, float] = {}  # the last logged loss terms and evaluation, reported to Ray (and Tune)
     while step < cfg.train.steps:
         loader.set_epoch(epoch)
         fetch = time.perf_counter()
@@ -69,14 +72,17 @@ def train_loop(config: dict) -> None:
             engine.step()
             step += 1
             meter.add(len(video), {"loss": out["loss"], **out["terms"]})
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                meter.log(loader, step, rank, engine.get_lr()[0])
+            last = step == cfg.train.steps
+            if step % cfg.train.log_every == 0 or last:
+                latest.update(meter.log(loader, step, rank, engine.get_lr()[0]))
                 meter = Meter()
             paused = time.perf_counter()
-            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                _evaluate(engine, cfg, device, step, rank)
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                _checkpoint(engine, checkpoint, step, epoch, rank, engine.get_lr()[0])
+            evaluated = step % cfg.train.eval_every == 0 or last
+            if evaluated:
+                latest.update(_evaluate(engine, cfg, device, step, rank))
+            if evaluated or step % cfg.train.checkpoint_every == 0 or last:
+                _report(engine, checkpoint, latest, step, epoch, rank,
+                        save=step % cfg.train.checkpoint_every == 0 or last)
             meter.started += time.perf_counter() - paused  # evaluation and checkpoints are not training time
             if step >= cfg.train.steps:
                 break
@@ -107,15 +113,16 @@ class Meter:
         for name, value in terms.items():
             self.sums[name] += value.item()
 
-    def log(self, loader: ClipLoader, step: int, rank: int, lr: float) -> None:
-        """Collective: throughput and skipped clips are totals over ranks."""
+    def log(self, loader: ClipLoader, step: int, rank: int, lr: float) -> dict[str, float]:
+        """Collective: throughput and skipped clips are totals over ranks. Returns the metrics
+        on rank 0, nothing on the others."""
         seconds = time.perf_counter() - self.started
         totals = torch.tensor([self.clips, loader.skipped["samples"], loader.skipped["shards"]], dtype=torch.float64)
         dist.all_reduce(totals)
         peak = torch.tensor([peak_memory_mb()], dtype=torch.float64)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         if rank != 0:
-            return
+            return {}
         metrics = {f"train/{k}": v / self.steps for k, v in self.sums.items()}
         metrics.update({"train/clips_per_s": totals[0].item() / seconds,
                         "train/data_wait_fraction": self.waited / seconds,
@@ -124,9 +131,10 @@ class Meter:
         mlflow.log_metrics(metrics, step=step)
         log.info("step %d: loss %.4f, %.1f clips/s, %.0f%% of the time waiting for data", step,
                  metrics["train/loss"], metrics["train/clips_per_s"], 100 * metrics["train/data_wait_fraction"])
+        return metrics
 
 
-def _evaluate(engine, cfg: TrainConfig, device: torch.device, step: int, rank: int) -> None:
+def _evaluate(engine, cfg: TrainConfig, device: torch.device, step: int, rank: int) -> dict[str, float]:
     """On every rank (a ZeRO-3 forward pass needs them all); rank 0 logs."""
     from kpscale.evaluate.media import save_gif
     from kpscale.evaluate.snapshot import evaluate
@@ -135,13 +143,14 @@ def _evaluate(engine, cfg: TrainConfig, device: torch.device, step: int, rank: i
     metrics, video = evaluate(engine.module, cfg, device, dtype, fit_clips=cfg.train.eval_clips,
                               test_clips=cfg.train.eval_clips)
     if rank != 0:
-        return
+        return metrics
     mlflow.log_metrics(metrics, step=step)
     log.info("step %d: tracking error %.2f px observed, %.2f px predicted (best of %d), null model %.2f px",
              step, metrics["tracking_error_observed"], metrics["tracking_error_predicted"],
              cfg.model.num_samples, metrics["tracking_error_null"])
     with tempfile.TemporaryDirectory() as folder:
         mlflow.log_artifact(str(save_gif(video, f"{folder}/step-{step:07d}.gif")), artifact_path="videos")
+    return metrics
 
 
 def _log_model(engine, cfg: TrainConfig, rank: int) -> None:
@@ -162,9 +171,14 @@ def _log_model(engine, cfg: TrainConfig, rank: int) -> None:
         mlflow.log_artifacts(folder, artifact_path="model")
 
 
-def _checkpoint(engine, checkpoint, step: int, epoch: int, rank: int, lr: float) -> None:
+def _report(engine, checkpoint, latest: dict[str, float], step: int, epoch: int, rank: int, save: bool) -> None:
+    """Report the latest metrics to Ray Train (and through it to Tune), with a checkpoint when
+    `save`. Collective: every rank reports, the same number of times."""
+    metrics = {**latest, "step": step, "epoch": epoch, "lr": engine.get_lr()[0]}
+    if not save:
+        ray.train.report(metrics)
+        return
     with tempfile.TemporaryDirectory() as folder:
         checkpoint.save(engine, folder, step, epoch, rank)
         dist.barrier()
-        ray.train.report({"step": step, "epoch": epoch, "lr": lr},
-                         checkpoint=ray.train.Checkpoint.from_directory(folder))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
