@@ -12,7 +12,7 @@ def run(*args, **kw):
 
 @pytest.mark.parametrize("command", [
     ["kpscale.data"], ["kpscale.data", "build"], ["kpscale.data", "convert"], ["kpscale.data", "stream"],
-    ["kpscale.bench"], ["kpscale.bench", "data"], ["kpscale.train"], ["kpscale.predict"]])
+    ["kpscale.bench"], ["kpscale.bench", "data"], ["kpscale.train"], ["kpscale.predict"], ["kpscale.tune"]])
 def test_every_entry_point_has_help(command):
     result = run(*command, "--help")
     assert result.returncode == 0 and "usage: python -m" in result.stdout

@@ -1,0 +1,183 @@
+"""A sweep file: the base training config, the search space over its dotted keys, the metric,
+the scheduler and the resources of each trial. Checked in full against the training config
+before any trial starts: an unknown key or a value the training config refuses is an error
+naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from kpscale.config import Config, ConfigError, apply_overrides, read_yaml, validate, with_values
+from kpscale.train.config import DEFAULT as DEFAULT_TRAIN_CONFIG
+from kpscale.train.config import TrainConfig
+
+TRAIN_SECTIONS = tuple(TrainConfig.model_fields)  # overrides starting with these go to the base config
+# What a trial reports to Tune: the evaluation's tracking errors and the logged loss terms.
+EVAL_METRICS = ("tracking_error_observed", "tracking_error_predicted")
+LOSS_METRICS = ("train/loss", "train/reconstruction", "train/separation", "train/sparsity", "train/kl",
+                "train/future")
+
+
+class Param(Config):
+    """One swept key: exactly one of these. Ranges are [low, high]; randint includes high."""
+    grid: list[Any] | None = None  # every value, in every combination with the other grids
+    choice: list[Any] | None = None  # one at random per sample
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Param:
+        given = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform, randint (got {given or 'none'})")
+        values = getattr(self, given[0])
+        if given[0] in ("grid", "choice") and not values:
+            raise ValueError(f"{given[0]} needs at least one value")
+        if given[0] in ("uniform", "loguniform", "randint") and not values[0] < values[1]:
+            raise ValueError(f"{given[0]} range [{values[0]}, {values[1]}] is empty: low must be below high")
+        if given[0] == "loguniform" and values[0] <= 0:
+            raise ValueError(f"loguniform range [{values[0]}, {values[1]}] must be positive")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in type(self).model_fields if getattr(self, k) is not None)
+
+    @property
+    def values(self) -> list[Any]:
+        """The values to check against the training config: every listed one, or both ends."""
+        return list(getattr(self, self.kind))
+
+    def domain(self):
+        """The Ray Tune search domain."""
+        from ray import tune
+
+        values = getattr(self, self.kind)
+        if self.kind == "randint":
+            return tune.randint(values[0], values[1] + 1)  # Tune's high is exclusive
+        if self.kind in ("grid", "choice"):
+            return (tune.grid_search if self.kind == "grid" else tune.choice)(values)
+        return getattr(tune, self.kind)(*values)  # tune.uniform, tune.loguniform
+
+
+class Scheduler(Config):
+    type: Literal["asha", "pbt", "fifo"] = "asha"  # fifo: every trial runs to the end
+    grace_period: int = Field(100, ge=1)  # asha: steps before a trial can be stopped (the first rung)
+    reduction_factor: float = Field(3.0, gt=1)  # asha: 1 in this many trials goes on at each rung
+    perturbation_interval: int = Field(200, ge=1)  # pbt: steps between exploit/explore decisions
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)  # pbt: bottom fraction copies the top one
+
+
+class TrialResources(Config):
+    """Each trial is a Ray Train run with its own workers; these set its train section."""
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: int = Field(1, ge=1)
+    use_gpu: bool | None = None  # None: GPUs when the cluster has them
+
+
+class SweepConfig(Config):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # the same name again restores the sweep
+    base: str | None = None  # training config, relative to the sweep file; None: the package default
+    overrides: list[str] = []  # key=value applied to the base, before the swept values
+    space: dict[str, Param] = Field(min_length=1)  # dotted training-config key -> distribution
+    num_samples: int = Field(1, ge=1)  # random draws; with grids, repeats of the whole grid
+    metric: str = "tracking_error_observed"
+    mode: Literal["min", "max"] = "min"
+    scheduler: Scheduler = Scheduler()
+    resources_per_trial: TrialResources = TrialResources()
+    max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the cluster fits
+    storage: str = "runs/sweeps"  # Tune state and each trial's checkpoints; shared storage on a cluster
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric: str) -> str:
+        if metric not in EVAL_METRICS + LOSS_METRICS:
+            raise ValueError(f"trials do not report it; use one of {', '.join(EVAL_METRICS + LOSS_METRICS)}")
+        return metric
+
+
+class Sweep:
+    """A validated sweep: its config and the base training config tree every trial starts from."""
+
+    def __init__(self, cfg: SweepConfig, base_tree: dict[str, Any], source: str):
+        self.cfg, self.base_tree, self.source = cfg, base_tree, source
+
+    @property
+    def folder(self) -> str:
+        storage = self.cfg.storage if "://" in self.cfg.storage else str(Path(self.cfg.storage).resolve())
+        return f"{storage}/{self.cfg.name}"
+
+    def trial_config(self, params: dict[str, Any]) -> TrainConfig:
+        return validate(TrainConfig, with_values(self.base_tree, params), f"{self.source} trial {params}")
+
+    @property
+    def base_config(self) -> TrainConfig:
+        return validate(TrainConfig, self.base_tree, self.source)
+
+
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
+    """Read, override and check a sweep file: `model.*`, `data.*`, `train.*` and `tracking.*`
+    overrides go to the base training config, the others to the sweep file."""
+    path = Path(path)
+    to_base = [o for o in overrides if o.split(".", 1)[0] in TRAIN_SECTIONS]
+    source = f"{path}" + (f" + overrides {' '.join(overrides)}" if overrides else "")
+    cfg = validate(SweepConfig, apply_overrides(read_yaml(path), [o for o in overrides if o not in to_base]), source)
+    base_path = (path.parent / cfg.base) if cfg.base else DEFAULT_TRAIN_CONFIG
+    tree = apply_overrides(read_yaml(base_path), [*cfg.overrides, *to_base])
+    r = cfg.resources_per_trial
+    tree = with_values(tree, {"train.workers": r.workers, "train.cpus_per_worker": r.cpus_per_worker,
+                              "train.use_gpu": r.use_gpu})
+    sweep = Sweep(cfg, tree, source)
+    base = sweep.base_config
+    _check_space(sweep, base)
+    _check_scheduler(sweep, base)
+    return sweep
+
+
+def _check_space(sweep: Sweep, base: TrainConfig) -> None:
+    known = base.flat()
+    for key, param in sweep.cfg.space.items():
+        if key not in known:
+            raise ConfigError(f"{sweep.source}: space.{key}: unknown training config key")
+        for value in param.values:
+            try:
+                sweep.trial_config({key: value})
+            except ConfigError as exc:
+                raise ConfigError(f"{sweep.source}: space.{key}: {param.kind} value {value!r} is refused by the "
+                                  f"training config:\n{str(exc).splitlines()[-1]}") from None
+
+
+def _check_scheduler(sweep: Sweep, base: TrainConfig) -> None:
+    s, steps = sweep.cfg.scheduler, base.train.steps
+    # Trials report at evaluations (and checkpoints): the scheduler sees the metric only then.
+    if s.type == "asha" and s.grace_period > steps:
+        raise ConfigError(f"{sweep.source}: scheduler.grace_period ({s.grace_period}) exceeds train.steps ({steps})")
+    first_decision = s.grace_period if s.type == "asha" else s.perturbation_interval
+    if s.type != "fifo" and sweep.cfg.metric in EVAL_METRICS and base.train.eval_every > first_decision:
+        raise ConfigError(f"{sweep.source}: train.eval_every ({base.train.eval_every}) must not exceed the "
+                          f"scheduler's first decision at step {first_decision}, or it never sees {sweep.cfg.metric}")
+    if s.type == "pbt":
+        if base.train.checkpoint_every > s.perturbation_interval:
+            raise ConfigError(f"{sweep.source}: pbt copies checkpoints: train.checkpoint_every "
+                              f"({base.train.checkpoint_every}) must not exceed scheduler.perturbation_interval "
+                              f"({s.perturbation_interval})")
+        for key, param in sweep.cfg.space.items():
+            if param.kind == "grid":
+                raise ConfigError(f"{sweep.source}: space.{key}: pbt mutates sampled values; use choice, not grid")
+            if _changes_parameter_shapes(sweep, key, param.values):
+                raise ConfigError(f"{sweep.source}: space.{key}: pbt cannot mutate a key that changes the "
+                                  "model's parameter shapes (a copied checkpoint would not load)")
+
+
+def _changes_parameter_shapes(sweep: Sweep, key: str, values: list[Any]) -> bool:
+    from kpscale.models import build_model
+
+    if not key.startswith("model."):
+        return False
+    shapes = [{k: tuple(v.shape) for k, v in build_model(sweep.trial_config({key: v}).model).state_dict().items()}
+              for v in (values[0], values[-1])]
+    return shapes[0] != shapes[1]
