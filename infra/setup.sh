@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything kpscale needs on a fresh Debian/Ubuntu machine with Python >= 3.11:
-# ffmpeg (torchcodec links against it), libosmesa6 (MuJoCo rendering on CPU), and a virtual
-# environment .venv with kpscale and its pinned stack. Re-running it is cheap: it skips what
+# ffmpeg (torchcodec links against it), libosmesa6 (MuJoCo rendering on CPU), curl (the local
+# cluster's health checks), chromium (screenshots of the MLflow UI), and a virtual environment
+# .venv with kpscale and its pinned stack. Re-running it is cheap: it skips what
 # is already there and reinstalls Python packages only when pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,8 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v ffmpeg >/dev/null || missing+=(ffmpeg)
 dpkg -s libosmesa6 >/dev/null 2>&1 || missing+=(libosmesa6)
+command -v curl >/dev/null || missing+=(curl)
+command -v chromium >/dev/null || missing+=(chromium)
 if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]} with apt-get"
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
