@@ -137,7 +137,7 @@ def test_tiny_sweep_asha_mlflow_best_config_and_restore(basketball, tmp_path):
 @pytest.mark.slow
 def test_pbt_continues_a_trial_from_another_trials_checkpoint(basketball, tmp_path):
     result = subprocess.run(_sweep(basketball, tmp_path, "name=pbt", "space={train.lr: {choice: [0.01, 1.0e-7]}}",
-                                   "num_samples=4", "scheduler.type=pbt", "scheduler.perturbation_interval=4",
+                                   "num_samples=2", "scheduler.type=pbt", "scheduler.perturbation_interval=4",
                                    "scheduler.quantile_fraction=0.5", "train.steps=16", "train.keep_checkpoints=4"),
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -101,11 +101,16 @@ def fit(cfg: TrainConfig, parent_run_id: str | None = None, callbacks: list | No
                              # Ray starts workers at niceness 15 so its own processes stay responsive;
                              # a training worker is the work itself and should not yield to them.
                              worker_runtime_env={"env_vars": {"RAY_worker_niceness": "0"}}))
+    # A sweep trial's run is closed by the sweep's summary, which knows whether Tune stopped it:
+    # a stopped trial's fit may end either way, before or after the summary.
+    closes_run = parent_run_id is None
     try:
         result = trainer.fit()
     except BaseException:
-        mlflow.MlflowClient(uri).set_terminated(run_id, status="FAILED")
+        if closes_run:
+            mlflow.MlflowClient(uri).set_terminated(run_id, status="FAILED")
         raise
-    mlflow.MlflowClient(uri).set_terminated(run_id, status="FINISHED")
+    if closes_run:
+        mlflow.MlflowClient(uri).set_terminated(run_id, status="FINISHED")
     log.info("finished at step %s; checkpoint %s", result.metrics.get("step"), result.checkpoint)
     return result

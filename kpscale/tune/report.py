@@ -63,8 +63,8 @@ def _trial_row(result, sweep: Sweep, steps: int) -> dict[str, Any]:
 
 
 def _close_trial_runs(client, parent_run_id: str, status: dict[str, str]) -> None:
-    """Each trial's MLflow runs get the status Tune knows: a run whose trial the scheduler
-    stopped, or that PBT replaced by a copy of another trial, was killed mid-run."""
+    """Close each trial's MLflow runs with what Tune knows of the trial: finished (its latest
+    run; earlier ones were replaced by PBT), stopped early by the scheduler, or failed."""
     runs = client.search_runs([client.get_run(parent_run_id).info.experiment_id],
                               filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
     latest: dict[str, int] = {}
@@ -73,12 +73,12 @@ def _close_trial_runs(client, parent_run_id: str, status: dict[str, str]) -> Non
         latest[trial] = max(latest.get(trial, 0), run.info.start_time)
     for run in runs:
         trial = run.data.tags.get("trial_id")
-        if status.get(trial) == "stopped early":  # its Train run may have ended "normally" when Tune stopped it
+        if status.get(trial) == "stopped early":
             client.set_tag(run.info.run_id, "stopped_early", "true")
-            client.set_terminated(run.info.run_id, status="KILLED")
-        elif run.info.status == "RUNNING":
-            done = status.get(trial) == "finished" and run.info.start_time == latest[trial]
-            client.set_terminated(run.info.run_id, status="FINISHED" if done else "KILLED")
+        final = {"finished": "FINISHED", "failed": "FAILED"}.get(status.get(trial), "KILLED")
+        if final != "KILLED" and run.info.start_time != latest[trial]:
+            final = "KILLED"
+        client.set_terminated(run.info.run_id, status=final)
 
 
 def _csv(trials: list[dict[str, Any]], keys: list[str]) -> str:
