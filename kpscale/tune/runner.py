@@ -93,6 +93,6 @@ def _scheduler(sweep: Sweep, steps: int):
                              reduction_factor=s.reduction_factor)
     if s.type == "pbt":
         return PopulationBasedTraining(time_attr="step", perturbation_interval=s.perturbation_interval,
-                                       quantile_fraction=s.quantile_fraction,
+                                       quantile_fraction=s.quantile_fraction, synch=s.synch,
                                        hyperparam_mutations={k: p.domain() for k, p in sweep.cfg.space.items()})
     return None  # FIFO: every trial runs to the end

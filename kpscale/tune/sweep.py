@@ -70,6 +70,7 @@ class Scheduler(Config):
     reduction_factor: float = Field(3.0, gt=1)  # asha: 1 in this many trials goes on at each rung
     perturbation_interval: int = Field(200, ge=1)  # pbt: steps between exploit/explore decisions
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)  # pbt: bottom fraction copies the top one
+    synch: bool = False  # pbt: every trial waits for the others at each perturbation
 
 
 class TrialResources(Config):
