@@ -55,11 +55,11 @@ def run(cfg: TrainConfig):
 def check_fits_cluster(cfg: TrainConfig) -> None:
     import ray
 
-    resources = ray.cluster_resources()
+    resources, gpu = ray.cluster_resources(), uses_gpu(cfg)
     cpus = cfg.train.workers * cfg.train.cpus_per_worker
-    if cpus > resources.get("CPU", 0) or (uses_gpu(cfg) and cfg.train.workers > resources.get("GPU", 0)):
+    if cpus > resources.get("CPU", 0) or (gpu and cfg.train.workers > resources.get("GPU", 0)):
         raise ConfigError(f"train.workers={cfg.train.workers} x train.cpus_per_worker={cfg.train.cpus_per_worker}"
-                          f"{' and one GPU each' if uses_gpu(cfg) else ''} do not fit the Ray cluster "
+                          f"{' and one GPU each' if gpu else ''} do not fit the Ray cluster "
                           f"({resources.get('CPU', 0):.0f} CPUs, {resources.get('GPU', 0):.0f} GPUs)")
 
 

@@ -80,9 +80,9 @@ def train_loop(config: dict) -> None:
             evaluated = step % cfg.train.eval_every == 0 or last
             if evaluated:
                 latest.update(_evaluate(engine, cfg, device, step, rank))
-            if evaluated or step % cfg.train.checkpoint_every == 0 or last:
-                _report(engine, checkpoint, latest, step, epoch, rank,
-                        save=step % cfg.train.checkpoint_every == 0 or last)
+            saved = step % cfg.train.checkpoint_every == 0 or last
+            if evaluated or saved:
+                _report(engine, checkpoint, latest, step, epoch, rank, save=saved)
             meter.started += time.perf_counter() - paused  # evaluation and checkpoints are not training time
             if step >= cfg.train.steps:
                 break

@@ -18,7 +18,7 @@ def run_sweep(sweep: Sweep) -> dict:
     from ray import tune
 
     from kpscale.tracking import git_commit, open_run, tracking_uri
-    from kpscale.train.launch import check_fits_cluster, dataset_name, uses_gpu, with_default_data
+    from kpscale.train.launch import check_fits_cluster, dataset_name, with_default_data
     from kpscale.tune.report import summarise
     from kpscale.tune.trial import run_trial
 
@@ -41,7 +41,7 @@ def run_sweep(sweep: Sweep) -> dict:
                  sweep.folder)
         tuner = tune.Tuner.restore(sweep.folder, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        s, fitting = sweep.cfg, _fitting_trials(base, uses_gpu)
+        s, fitting = sweep.cfg, _fitting_trials(base)
         if s.max_concurrent_trials and s.max_concurrent_trials > fitting:
             log.warning("max_concurrent_trials=%d but the cluster fits %d trials at once: the others' Train runs "
                         "will wait for resources", s.max_concurrent_trials, fitting)
@@ -72,8 +72,10 @@ def _absolute(spec: str | None) -> str | None:
     return str(Path(spec).resolve())
 
 
-def _fitting_trials(base, uses_gpu) -> int:
+def _fitting_trials(base) -> int:
     import ray
+
+    from kpscale.train.launch import uses_gpu
 
     resources = ray.cluster_resources()
     fits = int(resources.get("CPU", 0) // (base.train.workers * base.train.cpus_per_worker))
