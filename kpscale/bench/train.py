@@ -19,6 +19,7 @@ from kpscale.data.build import build
 from kpscale.data.card import DatasetCard
 from kpscale.data.stream import ClipLoader
 from kpscale.models import build_model
+from kpscale.train.allocator import keep_freed_memory
 from kpscale.train.config import TrainConfig, load_train_config
 
 
@@ -30,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _bare_loop(cfg: TrainConfig, steps: int) -> float:
-    """The same model, data, Adam, clipping and threads, without Ray or DeepSpeed."""
+    """The same model, data, Adam, clipping, threads and allocator settings, without Ray or DeepSpeed."""
+    keep_freed_memory()
     torch.set_num_threads(cfg.train.cpus_per_worker)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)

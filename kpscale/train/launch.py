@@ -77,6 +77,7 @@ def fit(cfg: TrainConfig, parent_run_id: str | None = None, callbacks: list | No
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from kpscale.tracking import git_commit, open_run, tracking_uri
+    from kpscale.train import allocator
     from kpscale.train.loop import train_loop
 
     use_gpu = uses_gpu(cfg)
@@ -100,7 +101,7 @@ def fit(cfg: TrainConfig, parent_run_id: str | None = None, callbacks: list | No
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              # Ray starts workers at niceness 15 so its own processes stay responsive;
                              # a training worker is the work itself and should not yield to them.
-                             worker_runtime_env={"env_vars": {"RAY_worker_niceness": "0"}}))
+                             worker_runtime_env={"env_vars": {"RAY_worker_niceness": "0", **allocator.ENV}}))
     # A sweep trial's run is closed by the sweep's summary, which knows whether Tune stopped it:
     # a stopped trial's fit may end either way, before or after the summary.
     closes_run = parent_run_id is None
