@@ -17,10 +17,12 @@ bad npy) is logged with its shard and key, skipped and counted; `loader.skipped`
 
 from __future__ import annotations
 
+import functools
 import glob
 import io
 import json
 import logging
+import multiprocessing
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -41,6 +43,16 @@ from kpscale.data.shards import MANIFEST, SIDECARS, iter_tar, read_manifest
 from kpscale.data.video import decode_window
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def reader_context() -> multiprocessing.context.BaseContext:
+    """Reader processes come from a forkserver, not a fork of the trainer: a trainer (a Ray
+    worker, a test session) runs gRPC and other threads, and a fork copies any lock one of them
+    holds at that moment, leaving the reader blocked on it for good (seen in CI)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # each reader then starts without importing torch
+    return context
 
 
 class DataError(ValueError):
@@ -320,6 +332,7 @@ class ClipLoader:
         while produced < self.num_batches:
             stream = ClipStream(self.shards, self.cfg, self.window, self.rank, self.world, epoch, attempt)
             loader = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
+                                multiprocessing_context=reader_context() if self.cfg.num_workers else None,
                                 pin_memory=torch.cuda.is_available() and self.cfg.decode_device == "cpu")
             got = 0
             for batch in loader:
