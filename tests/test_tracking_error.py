@@ -86,6 +86,23 @@ def test_best_of_samples_per_object_picks_a_sample_for_each_object():
     torch.testing.assert_close(per_clip, torch.full((1, 3), 2 ** 0.5 / 2))  # sample 0 for both
 
 
+def test_nearest_keypoint_distance_ignores_faded_keypoints():
+    pixels = torch.tensor([[10.0, 10.0], [30.0, 30.0], [11.0, 10.0]])  # [K=3, 2]
+    presence = torch.tensor([1.0, 0.5, 0.05])  # the third, closest to object 0, has faded out
+    objects = torch.tensor([[10.0, 12.0], [30.0, 27.0], [60.0, 60.0]])
+    d = tracking.nearest_keypoint_distance(pixels, presence, objects)
+    torch.testing.assert_close(d, torch.tensor([2.0, 3.0, 30 * 2**0.5]))
+    assert tracking.nearest_keypoint_distance(pixels, torch.zeros(3), objects).isinf().all()
+
+
+def test_objects_found_counts_objects_with_a_keypoint_on_them():
+    # [B=2, T=1, N=3]: object 0 always within 4 px, object 1 on average 5 px away, object 2 never seen.
+    d = torch.tensor([[[1.0, 2.0, float("inf")]], [[3.0, 8.0, float("inf")]]])
+    per_object, found = tracking.objects_found(d, image_size=64)
+    torch.testing.assert_close(per_object, torch.tensor([2.0, 5.0, 64.0]))
+    assert found == 1
+
+
 def test_no_dynamics_holds_the_last_observed_keypoints():
     observed = torch.rand(2, 3, 4, 3, generator=torch.Generator().manual_seed(4))
     held = tracking.no_dynamics(observed, 5)

@@ -7,7 +7,7 @@ import torch
 
 from kpscale.data.stream import ClipLoader, DataConfig
 from kpscale.evaluate import tracking
-from kpscale.evaluate.media import panel
+from kpscale.evaluate.media import keypoint_pixels, panel
 from kpscale.train.config import TrainConfig
 
 
@@ -47,18 +47,21 @@ def fit_regression(model, spec: str, cfg: TrainConfig, limit: int, device: torch
 def evaluate(model, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
              fit_clips: int = 256, test_clips: int = 128) -> tuple[dict[str, float], object]:
     """Metrics {tracking_error_observed, tracking_error_predicted, tracking_error_null} in pixels,
-    and the video panel of the first held-out clip. Runs on every rank (ZeRO-3 needs all of
+    objects_found and keypoint_distance/object_<n> (tracking.objects_found), and the video
+    panel of the first held-out clip. Runs on every rank (ZeRO-3 needs all of
     them for a forward pass); only rank 0 logs."""
     was_training = model.training
     model.eval()
     obs, mcfg = cfg.model.observed, cfg.model
     weights, fit_positions = fit_regression(model, cfg.data.train, cfg, fit_clips, device, dtype)
 
-    observed, predicted, positions, video = [], [], [], None
+    observed, predicted, positions, nearest, video = [], [], [], [], None
     for batch in _clips(cfg.data.test or cfg.data.train, cfg, test_clips):
         clip, coords = batch["video"].to(device, dtype), batch["coords"].to(device)
         keypoints = model.detector(clip - 0.5)[0].float()
         observed.append(tracking.distance(tracking.apply(weights, keypoints[:, :obs]), coords[:, :obs]).mean((1, 2)))
+        pixels = torch.from_numpy(keypoint_pixels(keypoints[:, :obs], mcfg.heatmap_size, mcfg.image_size))
+        nearest.append(tracking.nearest_keypoint_distance(pixels, keypoints[:, :obs, :, 2].cpu(), coords[:, :obs].cpu()))
         sampled, _ = model.sample_future(clip, mcfg.predicted, mcfg.num_samples)
         predicted.append(tracking.best_of_samples(weights, sampled[:, :, obs:].float(), coords[:, obs:]).mean(1))
         positions.append(coords)
@@ -66,10 +69,13 @@ def evaluate(model, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
             out = model(clip[:1], step=0)
             video = panel(batch["video"][0], out["reconstruction"][0], out["keypoints"][0],
                           out["predicted_frames"][0], obs, mcfg.heatmap_size)
+    per_object, found = tracking.objects_found(torch.cat(nearest), mcfg.image_size)
     metrics = {
         "tracking_error_observed": torch.cat(observed).mean().item(),
         "tracking_error_predicted": torch.cat(predicted).mean().item(),
         "tracking_error_null": tracking.null_error(fit_positions.cpu(), torch.cat(positions).cpu()),
+        "objects_found": float(found),
+        **{f"keypoint_distance/object_{n}": d.item() for n, d in enumerate(per_object)},
     }
     model.train(was_training)
     return metrics, video

@@ -59,6 +59,24 @@ def no_dynamics(keypoints_observed: Tensor, steps: int) -> Tensor:
     return keypoints_observed[:, -1:].repeat(1, steps, 1, 1)
 
 
+def nearest_keypoint_distance(pixels: Tensor, presence: Tensor, positions: Tensor,
+                              min_presence: float = 0.1) -> Tensor:
+    """Distance [..., N] from each object to the nearest keypoint that is present (mu at least
+    `min_presence`; a faded keypoint draws nothing), inf when none is: keypoint pixels [..., K, 2],
+    presence [..., K], object positions [..., N, 2]. Unlike the regression, which can combine
+    many keypoints, this says whether a keypoint sits on the object itself."""
+    d = (positions[..., :, None, :] - pixels[..., None, :, :]).norm(dim=-1)  # [..., N, K]
+    return d.masked_fill(presence[..., None, :] < min_presence, float("inf")).amin(-1)
+
+
+def objects_found(distances: Tensor, image_size: int) -> tuple[Tensor, int]:
+    """Mean distance per object [N] over distances [..., N] (inf counted as the image size), and
+    how many objects have a keypoint on them: within image_size / 16 pixels on average (4 px at
+    64x64, about the radius of a Basketball player)."""
+    per_object = distances.clamp(max=image_size).flatten(0, -2).mean(0)
+    return per_object, int((per_object <= image_size / 16).sum())
+
+
 def best_of_samples(weights: Tensor, sampled: Tensor, positions: Tensor, per_object: bool = False) -> Tensor:
     """Per-step error [B, T] (mean over objects) of the sampled future closest to the truth:
     sampled keypoints [B, S, T, K, 3], positions [B, T, N, 2]; `.mean(1)` gives the per-clip error.
