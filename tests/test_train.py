@@ -33,6 +33,7 @@ def train(*overrides, timeout=300):
     ("data.train=/no/such/shards", ["data.train", "/no/such/shards"]),
     ("train.steps=10", ["warmup_steps", "train.steps"]),
     ("model.image_size=96", ["model.image_size", "96"]),
+    ("train.warmup_steps=0", ["train.warmup_steps", "0"]),
 ])
 def test_invalid_configs_are_refused_before_ray_starts(override, words):
     extra = ["train.warmup_steps=50"] if override == "train.steps=10" else []
@@ -52,10 +53,10 @@ def test_default_config_loads_and_fits_the_window():
 def _engine(cfg, seed=0):
     import deepspeed
 
-    from kpscale.train.engine import deepspeed_config
+    from kpscale.train.engine import deepspeed_config, param_groups
     torch.manual_seed(seed)
     model = build_model(cfg.model)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
                                       config=deepspeed_config(cfg.train, cfg.data.batch_size, bf16=False))
     return engine
 
@@ -67,6 +68,35 @@ def _steps(engine, batches, first_step):
         engine.step()
 
 
+def _init_single_process(monkeypatch, port):
+    import deepspeed
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo")
+
+
+def test_weight_decay_shrinks_conv_kernels_only(monkeypatch):
+    """With no loss gradient, a DeepSpeed Adam step moves each conv kernel towards zero and leaves
+    biases and the dynamics' dense layers where they were (the official L2 on conv kernels)."""
+    _init_single_process(monkeypatch, 29710)
+    cfg = load_train_config(None, [*TINY, "train.zero_stage=2", "train.lr_schedule=constant", "train.weight_decay=1e-4"])
+    engine = _engine(cfg)
+    before = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
+    for step in range(3):  # the warmup gives the first two steps a learning rate of 0
+        out = engine(torch.rand(2, 8, 3, 64, 64), step, decode_predictions=False)
+        engine.backward(0 * out["loss"])
+        engine.step()
+    kernels = {f"{name}.weight" for name, m in engine.module.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert kernels and len(kernels) < len(before)
+    for name, p in engine.module.named_parameters():
+        if name in kernels:
+            assert p.abs().sum() < before[name].abs().sum(), name
+        else:
+            torch.testing.assert_close(p, before[name], rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_checkpoint_resumes_exactly(tmp_path, stage, monkeypatch):
     """Two steps, save, load into a fresh engine, two more == four uninterrupted steps: the
@@ -74,11 +104,7 @@ def test_checkpoint_resumes_exactly(tmp_path, stage, monkeypatch):
     import deepspeed
 
     from kpscale.train import checkpoint
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(29700 + stage)}.items():
-        monkeypatch.setenv(key, value)
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo")
+    _init_single_process(monkeypatch, 29700 + stage)
     cfg = load_train_config(None, [*TINY, f"train.zero_stage={stage}", "train.steps=4"])
     g = torch.Generator().manual_seed(1)
     batches = [torch.rand(2, 8, 3, 64, 64, generator=g) for _ in range(4)]
@@ -137,8 +163,10 @@ def test_two_workers_zero2_checkpoint_then_resume(basketball, tmp_path):
     for metric in ("train/reconstruction", "train/separation", "train/sparsity", "train/kl", "train/future",
                    "train/clips_per_s", "train/data_wait_fraction", "train/skipped_clips"):
         assert len(client.get_metric_history(run.info.run_id, metric)) == 3, metric
-    for metric in ("tracking_error_observed", "tracking_error_predicted", "tracking_error_null"):
+    for metric in ("tracking_error_observed", "tracking_error_predicted", "tracking_error_null", "objects_found",
+                   *(f"keypoint_distance/object_{n}" for n in range(6))):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [4, 6], metric
+    assert 0 <= run.data.metrics["objects_found"] <= 6
     videos = [a.path for a in client.list_artifacts(run.info.run_id, "videos")]
     assert "videos/step-0000006.gif" in videos
     # The logged model loads back from the run id, strictly, for kpscale.predict.

@@ -21,6 +21,7 @@ from kpscale.data.stream import ClipLoader
 from kpscale.models import build_model
 from kpscale.train.allocator import keep_freed_memory
 from kpscale.train.config import TrainConfig, load_train_config
+from kpscale.train.engine import param_groups
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +37,7 @@ def _bare_loop(cfg: TrainConfig, steps: int) -> float:
     torch.set_num_threads(cfg.train.cpus_per_worker)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    optimizer = torch.optim.Adam(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
     loader = ClipLoader(cfg.data.train, cfg.data, window=cfg.window, rank=0, world_size=1)
     warmup, clips, started, step = 3, 0, 0.0, 0
     while step < steps + warmup:

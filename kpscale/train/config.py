@@ -24,8 +24,10 @@ class TrainSection(Config):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     lr: float = Field(1e-3, gt=0)
     lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int = Field(100, ge=1)  # DeepSpeed's warmup schedules refuse 0
     grad_clip: float = Field(10.0, ge=0)  # 0: off; the official code clips the norm at 10
+    # L2 on conv kernels (official: loss += weight_decay * sum(w^2) over every conv kernel).
+    weight_decay: float = Field(1e-4, ge=0)
     seed: int = 0
     log_every: int = Field(25, ge=1)
     eval_every: int = Field(400, ge=1)  # tracking errors and a sample video; also at the end

@@ -1,8 +1,21 @@
-"""The DeepSpeed config for a training section: ZeRO stage, precision, Adam, LR schedule, clipping."""
+"""The optimiser side of a training section: Adam's parameter groups, and the DeepSpeed config
+(ZeRO stage, precision, Adam, LR schedule, clipping)."""
 
 from __future__ import annotations
 
+from torch import nn
+
 from kpscale.train.config import TrainSection
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Conv kernels decay, everything else does not (official: an L2 kernel regulariser on every
+    conv). Keras' l2(c) adds c * sum(w^2) to the loss, whose gradient 2cw is what torch Adam's
+    coupled `weight_decay` adds: hence 2 * weight_decay."""
+    kernels = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.requires_grad]
+    chosen = {id(p) for p in kernels}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
+    return [{"params": kernels, "weight_decay": 2 * weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
 def deepspeed_config(train: TrainSection, batch_size: int, bf16: bool) -> dict:

@@ -33,12 +33,12 @@ def train_loop(config: dict) -> None:
     import deepspeed
 
     from kpscale.train import checkpoint
-    from kpscale.train.engine import deepspeed_config
+    from kpscale.train.engine import deepspeed_config, param_groups
 
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     torch.manual_seed(cfg.train.seed + rank)
     model = build_model(cfg.model)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
                                       config=deepspeed_config(cfg.train, cfg.data.batch_size, bf16))
     step, epoch = 0, 0
     restored = ray.train.get_checkpoint()
@@ -145,9 +145,10 @@ def _evaluate(engine, cfg: TrainConfig, device: torch.device, step: int, rank: i
     if rank != 0:
         return metrics
     mlflow.log_metrics(metrics, step=step)
-    log.info("step %d: tracking error %.2f px observed, %.2f px predicted (best of %d), null model %.2f px",
-             step, metrics["tracking_error_observed"], metrics["tracking_error_predicted"],
-             cfg.model.num_samples, metrics["tracking_error_null"])
+    log.info("step %d: tracking error %.2f px observed, %.2f px predicted (best of %d), null model %.2f px; "
+             "a keypoint on %d of %d objects", step, metrics["tracking_error_observed"],
+             metrics["tracking_error_predicted"], cfg.model.num_samples, metrics["tracking_error_null"],
+             metrics["objects_found"], sum(name.startswith("keypoint_distance/") for name in metrics))
     with tempfile.TemporaryDirectory() as folder:
         mlflow.log_artifact(str(save_gif(video, f"{folder}/step-{step:07d}.gif")), artifact_path="videos")
     return metrics
