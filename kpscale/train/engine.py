@@ -12,10 +12,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Conv kernels decay, everything else does not (official: an L2 kernel regulariser on every
     conv). Keras' l2(c) adds c * sum(w^2) to the loss, whose gradient 2cw is what torch Adam's
     coupled `weight_decay` adds: hence 2 * weight_decay."""
-    kernels = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.requires_grad]
-    chosen = {id(p) for p in kernels}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
-    return [{"params": kernels, "weight_decay": 2 * weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if weight_decay == 0:  # one group: the layout of checkpoints saved before weight decay existed
+        return [{"params": trainable, "weight_decay": 0.0}]
+    kernels = {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d)}
+    return [{"params": [p for p in trainable if id(p) in kernels], "weight_decay": 2 * weight_decay},
+            {"params": [p for p in trainable if id(p) not in kernels], "weight_decay": 0.0}]
 
 
 def deepspeed_config(train: TrainSection, batch_size: int, bf16: bool) -> dict:
