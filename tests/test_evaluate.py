@@ -77,9 +77,10 @@ def _check_run(trained_run, result, clips=CLIPS):
     m = run.data.metrics
     for name in ("fvd", "psnr_closest", "psnr_furthest", "ssim_closest", "ssim_furthest", "vgg_cosine_closest",
                  "vgg_cosine_furthest", "tracking_error_observed", "tracking_error_predicted",
-                 "tracking_error_no_dynamics", "tracking_error_null"):
+                 "tracking_error_no_dynamics", "tracking_error_null", "objects_found",
+                 *(f"keypoint_distance/object_{n}" for n in range(6))):
         assert name in m, name
-    assert m["clips"] == clips and m["fvd"] >= 0
+    assert m["clips"] == clips and m["fvd"] >= 0 and 0 <= m["objects_found"] <= 6
     for name in ("psnr", "ssim", "vgg_cosine"):  # the closest sample is never further than the furthest
         assert m[f"{name}_closest"] >= m[f"{name}_mean"] >= m[f"{name}_furthest"]
     cfg = trained_run["cfg"].model
@@ -108,7 +109,8 @@ def test_evaluate_over_ray_workers_matches_in_process(trained_run, basketball):
     """Clips split over Ray tasks: the same clips, so the same deterministic metrics."""
     single = _check_run(trained_run, evaluate(trained_run, basketball, "--clips", "10"), clips=10)
     spread = _check_run(trained_run, evaluate(trained_run, basketball, "--clips", "10", "--workers", "2"), clips=10)
-    for name in ("tracking_error_observed", "tracking_error_null", "tracking_error_no_dynamics"):
+    for name in ("tracking_error_observed", "tracking_error_null", "tracking_error_no_dynamics",
+                 "keypoint_distance/object_0", "objects_found"):
         assert spread[name] == pytest.approx(single[name], rel=1e-5), name
 
 

@@ -168,7 +168,8 @@ def summary_table(metrics: dict[str, float], samples: int) -> str:
               "tracking_error_observed": "tracking error px, observed frames",
               "tracking_error_predicted": f"tracking error px, predicted (best of {samples})",
               "tracking_error_no_dynamics": "tracking error px, no dynamics",
-              "tracking_error_null": "tracking error px, null model"}
+              "tracking_error_null": "tracking error px, null model",
+              "objects_found": "objects with a keypoint on them"}
     rows += [(label, f"{metrics[key]:.4g}") for key, label in labels.items() if key in metrics]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value:>10}" for name, value in rows)
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     total = min(total, ecfg.clips or total)
     log.info("evaluating %s on %d clips of %s: %d sampled futures each", ecfg.run, total, ecfg.data, ecfg.samples)
     parts = _run_parts(model, cfg, ecfg, weights, positions, i3d, vgg, total)
-    metrics, curves = summarise(parts, cfg.model.observed)
+    metrics, curves = summarise(parts, cfg.model.observed, cfg.model.image_size)
     table = summary_table(metrics, ecfg.samples)
     run_id = _log(ecfg, cfg, metrics, curves, parts, notes, table)
     print(f"\n{table}\n" + "".join(f"\nnote: {n}" for n in notes) + f"\n\nMLflow run {run_id}")

@@ -14,6 +14,7 @@ from pydantic import Field
 from kpscale.config import Config
 from kpscale.evaluate import frames, tracking
 from kpscale.evaluate.fvd import FVD, fvd
+from kpscale.evaluate.media import keypoint_pixels
 from kpscale.evaluate.snapshot import fixed_batches
 from kpscale.evaluate.trajectories import trajectory_table
 from kpscale.train.config import TrainConfig
@@ -76,6 +77,9 @@ def evaluate_part(model, cfg: TrainConfig, ecfg: EvaluateConfig, weights: torch.
         if weights is not None:
             coords = batch["coords"].to(device)
             out.add("track_observed", tracking.per_step_errors(weights, detected[:, :obs], coords[:, :obs]))
+            pixels = torch.from_numpy(keypoint_pixels(detected[:, :obs], cfg.model.heatmap_size, size))
+            out.add("keypoint_distance", tracking.nearest_keypoint_distance(
+                pixels, detected[:, :obs, :, 2].cpu(), coords[:, :obs].cpu()))  # [B, obs, N]
             out.add("track_predicted", tracking.best_of_samples(weights, keypoints[:, :, obs:], coords[:, obs:],
                                                                 ecfg.per_object))
             out.add("track_no_dynamics", tracking.per_step_errors(
@@ -90,7 +94,7 @@ def evaluate_part(model, cfg: TrainConfig, ecfg: EvaluateConfig, weights: torch.
     return out
 
 
-def summarise(parts: list[PartResult], observed: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def summarise(parts: list[PartResult], observed: int, image_size: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Scalar metrics for MLflow and the summary table, and per-step curves for the plots.
 
     Frame metrics are reported for the closest sample (the paper's headline view) and the
@@ -107,6 +111,10 @@ def summarise(parts: list[PartResult], observed: int) -> tuple[dict[str, float],
             metrics[f"{name}_mean"] = arrays[name].mean()
     if "i3d_real" in arrays:
         metrics["fvd"] = fvd(torch.from_numpy(arrays["i3d_real"]), torch.from_numpy(arrays["i3d_fake"]))
+    if "keypoint_distance" in arrays:
+        per_object, found = tracking.objects_found(torch.from_numpy(arrays["keypoint_distance"]), image_size)
+        metrics["objects_found"] = float(found)
+        metrics.update({f"keypoint_distance/object_{n}": d.item() for n, d in enumerate(per_object)})
     if "track_observed" in arrays:
         curves["tracking_null"] = arrays["track_null"].mean(0)  # [T]
         metrics["tracking_error_null"] = curves["tracking_null"].mean()
