@@ -87,12 +87,14 @@ def test_best_of_samples_per_object_picks_a_sample_for_each_object():
 
 
 def test_nearest_keypoint_distance_ignores_faded_keypoints():
-    pixels = torch.tensor([[10.0, 10.0], [30.0, 30.0], [11.0, 10.0]])  # [K=3, 2]
-    presence = torch.tensor([1.0, 0.5, 0.05])  # the third, closest to object 0, has faded out
-    objects = torch.tensor([[10.0, 12.0], [30.0, 27.0], [60.0, 60.0]])
-    d = tracking.nearest_keypoint_distance(pixels, presence, objects)
-    torch.testing.assert_close(d, torch.tensor([2.0, 3.0, 30 * 2**0.5]))
-    assert tracking.nearest_keypoint_distance(pixels, torch.zeros(3), objects).isinf().all()
+    # 16x16 heatmap, 64x64 image: x = -1 is pixel 2, +1 pixel 62 (cell centres); y = +1 is the top.
+    keypoints = torch.tensor([[-1.0, 1.0, 1.0], [1.0, -1.0, 0.5], [-0.9, 1.0, 0.05]])  # [K=3, 3]
+    objects = torch.tensor([[2.0, 5.0], [58.0, 62.0], [62.0, 2.0]])  # the third keypoint has faded out
+    d = tracking.nearest_keypoint_distance(keypoints, objects, heatmap_size=16, image_size=64)
+    torch.testing.assert_close(d, torch.tensor([3.0, 4.0, 60.0]))
+    faded = keypoints.clone()
+    faded[:, 2] = 0
+    assert tracking.nearest_keypoint_distance(faded, objects, 16, 64).isinf().all()
 
 
 def test_objects_found_counts_objects_with_a_keypoint_on_them():

@@ -14,7 +14,6 @@ from pydantic import Field
 from kpscale.config import Config
 from kpscale.evaluate import frames, tracking
 from kpscale.evaluate.fvd import FVD, fvd
-from kpscale.evaluate.media import keypoint_pixels
 from kpscale.evaluate.snapshot import fixed_batches
 from kpscale.evaluate.trajectories import trajectory_table
 from kpscale.train.config import TrainConfig
@@ -77,9 +76,8 @@ def evaluate_part(model, cfg: TrainConfig, ecfg: EvaluateConfig, weights: torch.
         if weights is not None:
             coords = batch["coords"].to(device)
             out.add("track_observed", tracking.per_step_errors(weights, detected[:, :obs], coords[:, :obs]))
-            pixels = torch.from_numpy(keypoint_pixels(detected[:, :obs], cfg.model.heatmap_size, size))
-            out.add("keypoint_distance", tracking.nearest_keypoint_distance(
-                pixels, detected[:, :obs, :, 2].cpu(), coords[:, :obs].cpu()))  # [B, obs, N]
+            out.add("keypoint_distance", tracking.nearest_keypoint_distance(  # [B, obs, N]
+                detected[:, :obs], coords[:, :obs], cfg.model.heatmap_size, size))
             out.add("track_predicted", tracking.best_of_samples(weights, keypoints[:, :, obs:], coords[:, obs:],
                                                                 ecfg.per_object))
             out.add("track_no_dynamics", tracking.per_step_errors(

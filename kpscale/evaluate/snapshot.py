@@ -7,7 +7,7 @@ import torch
 
 from kpscale.data.stream import ClipLoader, DataConfig
 from kpscale.evaluate import tracking
-from kpscale.evaluate.media import keypoint_pixels, panel
+from kpscale.evaluate.media import panel
 from kpscale.train.config import TrainConfig
 
 
@@ -60,8 +60,8 @@ def evaluate(model, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
         clip, coords = batch["video"].to(device, dtype), batch["coords"].to(device)
         keypoints = model.detector(clip - 0.5)[0].float()
         observed.append(tracking.distance(tracking.apply(weights, keypoints[:, :obs]), coords[:, :obs]).mean((1, 2)))
-        pixels = torch.from_numpy(keypoint_pixels(keypoints[:, :obs], mcfg.heatmap_size, mcfg.image_size))
-        nearest.append(tracking.nearest_keypoint_distance(pixels, keypoints[:, :obs, :, 2].cpu(), coords[:, :obs].cpu()))
+        nearest.append(tracking.nearest_keypoint_distance(keypoints[:, :obs], coords[:, :obs], mcfg.heatmap_size,
+                                                          mcfg.image_size))
         sampled, _ = model.sample_future(clip, mcfg.predicted, mcfg.num_samples)
         predicted.append(tracking.best_of_samples(weights, sampled[:, :, obs:].float(), coords[:, obs:]).mean(1))
         positions.append(coords)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kpscale.evaluate.media import keypoint_pixels
+
 
 def features(keypoints: Tensor) -> Tensor:
     """[..., K, 3] -> [..., 3K + 1]: flattened keypoints and a constant for the offset."""
@@ -59,14 +61,15 @@ def no_dynamics(keypoints_observed: Tensor, steps: int) -> Tensor:
     return keypoints_observed[:, -1:].repeat(1, steps, 1, 1)
 
 
-def nearest_keypoint_distance(pixels: Tensor, presence: Tensor, positions: Tensor,
+def nearest_keypoint_distance(keypoints: Tensor, positions: Tensor, heatmap_size: int, image_size: int,
                               min_presence: float = 0.1) -> Tensor:
-    """Distance [..., N] from each object to the nearest keypoint that is present (mu at least
-    `min_presence`; a faded keypoint draws nothing), inf when none is: keypoint pixels [..., K, 2],
-    presence [..., K], object positions [..., N, 2]. Unlike the regression, which can combine
+    """Distance [..., N] in pixels from each object to the nearest keypoint that is present (mu at
+    least `min_presence`; a faded keypoint draws nothing), inf when none is: keypoints
+    [..., K, 3], object positions [..., N, 2] in pixels. Unlike the regression, which can combine
     many keypoints, this says whether a keypoint sits on the object itself."""
-    d = (positions[..., :, None, :] - pixels[..., None, :, :]).norm(dim=-1)  # [..., N, K]
-    return d.masked_fill(presence[..., None, :] < min_presence, float("inf")).amin(-1)
+    pixels = torch.from_numpy(keypoint_pixels(keypoints, heatmap_size, image_size))
+    d = (positions.cpu()[..., :, None, :] - pixels[..., None, :, :]).norm(dim=-1)  # [..., N, K]
+    return d.masked_fill(keypoints[..., None, :, 2].cpu() < min_presence, float("inf")).amin(-1)
 
 
 def objects_found(distances: Tensor, image_size: int) -> tuple[Tensor, int]:
