@@ -100,9 +100,9 @@ def test_nearest_keypoint_distance_ignores_faded_keypoints():
 def test_objects_found_counts_objects_with_a_keypoint_on_them():
     # [B=2, T=1, N=3]: object 0 always within 4 px, object 1 on average 5 px away, object 2 never seen.
     d = torch.tensor([[[1.0, 2.0, float("inf")]], [[3.0, 8.0, float("inf")]]])
-    per_object, found = tracking.objects_found(d, image_size=64)
-    torch.testing.assert_close(per_object, torch.tensor([2.0, 5.0, 64.0]))
-    assert found == 1
+    metrics = tracking.objects_found(d, image_size=64)
+    assert metrics == {"objects_found": 1.0, "keypoint_distance/object_0": 2.0, "keypoint_distance/object_1": 5.0,
+                       "keypoint_distance/object_2": 64.0}
 
 
 def test_no_dynamics_holds_the_last_observed_keypoints():

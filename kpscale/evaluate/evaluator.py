@@ -110,9 +110,7 @@ def summarise(parts: list[PartResult], observed: int, image_size: int) -> tuple[
     if "i3d_real" in arrays:
         metrics["fvd"] = fvd(torch.from_numpy(arrays["i3d_real"]), torch.from_numpy(arrays["i3d_fake"]))
     if "keypoint_distance" in arrays:
-        per_object, found = tracking.objects_found(torch.from_numpy(arrays["keypoint_distance"]), image_size)
-        metrics["objects_found"] = float(found)
-        metrics.update({f"keypoint_distance/object_{n}": d.item() for n, d in enumerate(per_object)})
+        metrics.update(tracking.objects_found(torch.from_numpy(arrays["keypoint_distance"]), image_size))
     if "track_observed" in arrays:
         curves["tracking_null"] = arrays["track_null"].mean(0)  # [T]
         metrics["tracking_error_null"] = curves["tracking_null"].mean()

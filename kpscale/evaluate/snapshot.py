@@ -69,13 +69,11 @@ def evaluate(model, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
             out = model(clip[:1], step=0)
             video = panel(batch["video"][0], out["reconstruction"][0], out["keypoints"][0],
                           out["predicted_frames"][0], obs, mcfg.heatmap_size)
-    per_object, found = tracking.objects_found(torch.cat(nearest), mcfg.image_size)
     metrics = {
         "tracking_error_observed": torch.cat(observed).mean().item(),
         "tracking_error_predicted": torch.cat(predicted).mean().item(),
         "tracking_error_null": tracking.null_error(fit_positions.cpu(), torch.cat(positions).cpu()),
-        "objects_found": float(found),
-        **{f"keypoint_distance/object_{n}": d.item() for n, d in enumerate(per_object)},
+        **tracking.objects_found(torch.cat(nearest), mcfg.image_size),
     }
     model.train(was_training)
     return metrics, video

@@ -72,12 +72,14 @@ def nearest_keypoint_distance(keypoints: Tensor, positions: Tensor, heatmap_size
     return d.masked_fill(keypoints[..., None, :, 2].cpu() < min_presence, float("inf")).amin(-1)
 
 
-def objects_found(distances: Tensor, image_size: int) -> tuple[Tensor, int]:
-    """Mean distance per object [N] over distances [..., N] (inf counted as the image size), and
-    how many objects have a keypoint on them: within image_size / 16 pixels on average (4 px at
-    64x64, about the radius of a Basketball player)."""
+def objects_found(distances: Tensor, image_size: int) -> dict[str, float]:
+    """Metrics from distances [..., N] (`nearest_keypoint_distance`): `keypoint_distance/object_<n>`,
+    each object's mean distance (inf counted as the image size), and `objects_found`, how many
+    objects have a keypoint on them: within image_size / 16 pixels on average (4 px at 64x64,
+    about the radius of a Basketball player)."""
     per_object = distances.clamp(max=image_size).flatten(0, -2).mean(0)
-    return per_object, int((per_object <= image_size / 16).sum())
+    return {"objects_found": float((per_object <= image_size / 16).sum()),
+            **{f"keypoint_distance/object_{n}": d.item() for n, d in enumerate(per_object)}}
 
 
 def best_of_samples(weights: Tensor, sampled: Tensor, positions: Tensor, per_object: bool = False) -> Tensor:
