@@ -8,8 +8,9 @@ from kpscale.config import ConfigError, validate
 from kpscale.models import MODELS, build_model
 from kpscale.models.keypoints import (ImageDecoder, KeypointDetector, add_coord_channels,
                                       heatmaps_to_keypoints, keypoints_to_maps)
-from kpscale.models.struct_vrnn import (VRNN, StructVRNN, StructVRNNConfig, best_of_many, gaussian_kl,
-                                        linear_ramp, separation_loss, sparsity_loss)
+from kpscale.models.struct_vrnn import (VRNN, StructVRNN, StructVRNNConfig, assign, best_of_many,
+                                        exploration_loss, gaussian_kl, linear_ramp, separation_loss, spare_keypoints,
+                                        sparsity_loss)
 
 TINY = dict(filters=8, num_keypoints=4, rnn_size=32, hidden_size=32, num_samples=5, observed=4, predicted=4)
 
@@ -25,8 +26,9 @@ def test_shapes(size):
     b, t, k, h = 2, cfg.steps, cfg.num_keypoints, cfg.heatmap_size
     video = torch.rand(b, t, 3, size, size)
 
-    keypoints, heatmaps = KeypointDetector(k, cfg.filters, cfg.layers_per_scale)(video)
-    assert keypoints.shape == (b, t, k, 3) and heatmaps.shape == (b, t, k, h, h)
+    keypoints, heatmaps, logits = KeypointDetector(k, cfg.filters, cfg.layers_per_scale)(video)
+    assert keypoints.shape == (b, t, k, 3) and heatmaps.shape == logits.shape == (b, t, k, h, h)
+    assert torch.allclose(heatmaps, torch.nn.functional.softplus(logits))
     assert keypoints[..., :2].abs().max() <= 1 and 0 <= keypoints[..., 2].min() <= keypoints[..., 2].max() <= 1
     decoder = ImageDecoder(k, cfg.filters, cfg.layers_per_scale, cfg.keypoint_sigma)
     frames = decoder(keypoints, video[:, 0], keypoints[:, 0])
@@ -36,7 +38,7 @@ def test_shapes(size):
 
     out = StructVRNN(cfg)(video, step=0)
     assert out["loss"].shape == () and torch.isfinite(out["loss"])
-    assert set(out["terms"]) == {"reconstruction", "separation", "sparsity", "kl", "future"}
+    assert set(out["terms"]) == {"reconstruction", "separation", "sparsity", "kl", "future", "exploration"}
     for key in ("keypoints", "predicted_keypoints"):
         assert out[key].shape == (b, t, k, 3)
     assert out["heatmaps"].shape == (b, t, k, h, h)
@@ -108,6 +110,60 @@ def test_sparsity_loss_by_hand():
     maps[0, 0, 1, 0, 0] = 4.0  # mean 1
     maps[0, 1, 1, 0] = 2.0  # mean 1; maps[0, 1, 0] stays 0
     assert math.isclose(sparsity_loss(maps), 0.75)
+
+
+def test_exploration_loss_pulls_faded_keypoints_onto_unexplained_moving_objects():
+    # One clip of 3 frames, 16x16 pixels in 4x4 heatmap cells of 4x4. The decoder draws frame 0
+    # every time. Dot A moves along the bottom row of cells: unexplained in cell (3, 1) in frame 1
+    # and (3, 2) in frame 2 -- and missing from where it was in frame 0, but the temporal median
+    # there is background, so that is no target. Dot B appears in cell (0, 3) in frame 2, dot C in
+    # cell (0, 0) in frame 1, next to keypoint 0, which is present: C is taken.
+    frames = torch.zeros(1, 3, 3, 16, 16)
+    for t, row, col in [(0, 13, 1), (1, 13, 5), (2, 13, 10), (2, 2, 14), (1, 2, 2)]:
+        frames[0, t, :, row, col] = 0.5
+    reconstruction = frames[:, :1].expand(-1, 3, -1, -1, -1)
+    logits = torch.full((1, 3, 2, 4, 4), -60.0)  # two keypoints, both maps one-hot on cell (0, 0)
+    logits[..., 0, 0] = 20.0
+    logits[0, 2, 1, 0, 3] = -40.0  # keypoint 1 rates B's cell above A's
+    logits.requires_grad_(True)
+    keypoints = torch.tensor([[-1.0, 1.0, 1.0], [0.3, -0.3, 0.05]]).expand(1, 3, 2, 3)  # keypoint 1 is faded
+    loss = exploration_loss(logits, keypoints, frames, reconstruction, min_presence=0.1)
+
+    # Frame 0 is fully explained: no target. Keypoint 1 goes to A in frame 1 (C is taken, though
+    # its map rates C's cell highest) and to B in frame 2: -log of its map's share of mass (+EPS
+    # per cell) there, ~e^-60 and e^-40 of ~20; mean over 3 frames x 2 keypoints.
+    mass = math.log(20 + 16e-6)
+    assert loss.item() == pytest.approx((mass + 60 + mass + 40) / 6)
+    loss.backward()
+    grad = logits.grad[0]
+    assert grad[:, 0].abs().max() == 0 and grad[0].abs().max() == 0  # present keypoint, explained frame
+    # The target's logit is pushed with gradient ~1 although the softplus map has ~e^-60 there.
+    assert grad[1, 1, 3, 1].item() == pytest.approx(-1 / 6) and grad[2, 1, 0, 3].item() == pytest.approx(-1 / 6)
+    assert abs(grad[2, 1, 3, 2].item()) < 1e-9  # the candidate it rates lower is left alone
+    for t in (1, 2):  # its old peak gives way
+        assert grad[t, 1, 0, 0].item() == pytest.approx(1 / 6 / 20, rel=1e-3)
+
+
+def test_assign_spreads_spare_keypoints_over_the_candidates():
+    preference = torch.tensor([[5.0, 4.0, 9.0], [6.0, 1.0, 9.0], [3.0, 2.0, 9.0], [9.0, 9.0, 9.0]])
+    candidate = torch.tensor([True, True, False])  # cell 2 is no candidate, however much it is liked
+    spare = torch.tensor([True, True, True, False])  # keypoint 3 is not spare
+    # 3 spare keypoints over 2 cells: at most 2 a cell. Keypoints 1 then 0 like cell 0 best and
+    # fill it; keypoint 2 likes it too but gets cell 1.
+    target = assign(preference[None, None], candidate[None, None], spare[None, None])
+    assert target.shape == (1, 1, 4, 1) and target.flatten()[:3].tolist() == [0, 0, 1]
+    one_cell = assign(preference[None, None], torch.tensor([[[False, True, False]]]), spare[None, None])
+    assert one_cell.flatten()[:3].tolist() == [1, 1, 1]
+
+
+def test_spare_keypoints_are_faded_or_outranked_duplicates():
+    keypoints = torch.tensor([[0.0, 0.0, 0.5],    # shares a spot with 1, which is more present
+                              [0.05, 0.0, 1.0],
+                              [0.5, 0.5, 0.05],   # faded
+                              [-0.5, 0.5, 0.3],   # alone
+                              [-0.5, 0.55, 0.3]])  # a tie with 3: the lower index keeps the spot
+    assert spare_keypoints(keypoints, min_presence=0.1, radius=0.1).tolist() == [True, False, True, False, True]
+    assert spare_keypoints(keypoints, min_presence=0.1, radius=0.01).tolist() == [False, False, True, False, False]
 
 
 def test_gaussian_kl_matches_torch_distributions():
@@ -190,6 +246,7 @@ def test_schedules():
     ({"image_size": 96}, "image_size"),
     ({"num_keypoints": 1}, "num_keypoints"),
     ({"p_true_end_observed": 1.5}, "p_true_end_observed"),
+    ({"exploration_weight": -1.0}, "exploration_weight"),
     ({"num_keypionts": 12}, "unknown key"),
 ])
 def test_config_rejects_bad_values(override, word):

@@ -161,7 +161,7 @@ def test_two_workers_zero2_checkpoint_then_resume(basketball, tmp_path):
     assert run.data.tags["dataset"] == "basketball" and len(run.data.tags["git_commit"]) == 40
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4, 6]
     for metric in ("train/reconstruction", "train/separation", "train/sparsity", "train/kl", "train/future",
-                   "train/clips_per_s", "train/data_wait_fraction", "train/skipped_clips"):
+                   "train/exploration", "train/clips_per_s", "train/data_wait_fraction", "train/skipped_clips"):
         assert len(client.get_metric_history(run.info.run_id, metric)) == 3, metric
     for metric in ("tracking_error_observed", "tracking_error_predicted", "tracking_error_null", "objects_found",
                    *(f"keypoint_distance/object_{n}" for n in range(6))):

@@ -88,20 +88,21 @@ class ImageEncoder(nn.Sequential):
 
 
 class KeypointDetector(nn.Module):
-    """Frames [B, T, 3, H, W] -> keypoints [B, T, K, 3] and heatmaps [B, T, K, H/4, W/4]."""
+    """Frames [B, T, 3, H, W] -> keypoints [B, T, K, 3], heatmaps [B, T, K, H/4, W/4] and the
+    heatmaps' logits (before the softplus)."""
 
     def __init__(self, num_keypoints: int, filters: int, layers_per_scale: int):
         super().__init__()
         self.encoder = ImageEncoder(3 + 2, filters, layers_per_scale)
         self.to_heatmaps = conv(self.encoder.out_channels, num_keypoints, kernel=1, act=False)
 
-    def forward(self, frames: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, frames: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         b, t = frames.shape[:2]
         features = self.encoder(channels_last(add_coord_channels(frames.flatten(0, 1))))
+        logits = self.to_heatmaps(features).float().unflatten(0, (b, t))  # float32 sums under bf16
         # Softplus, not a spatial softmax (official): a map can fade out, which gives mu meaning.
-        heatmaps = F.softplus(self.to_heatmaps(features)).float()  # float32 sums under bf16
-        heatmaps = heatmaps.unflatten(0, (b, t))
-        return heatmaps_to_keypoints(heatmaps), heatmaps
+        heatmaps = F.softplus(logits)
+        return heatmaps_to_keypoints(heatmaps), heatmaps, logits
 
 
 class ImageDecoder(nn.Module):

@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kpscale.config import Config
-from kpscale.models.keypoints import ImageDecoder, KeypointDetector
+from kpscale.models.keypoints import EPS, ImageDecoder, KeypointDetector, axis_grids
 
 
 class StructVRNNConfig(Config):
@@ -50,6 +50,11 @@ class StructVRNNConfig(Config):
     separation_sigma: float = Field(0.1, gt=0)
     sparsity_weight: float = Field(5.0, ge=0)
     future_weight: float = Field(1.0, ge=0)
+    # Not in the paper or the official code (0 keeps it off): a keypoint faded below
+    # `exploration_presence` in a frame, or duplicating a more present one, is pulled onto an
+    # unclaimed moving object the decoder explains badly (exploration_loss).
+    exploration_weight: float = Field(0.0, ge=0)
+    exploration_presence: float = Field(0.1, gt=0, le=1)
 
     @property
     def heatmap_size(self) -> int:
@@ -95,6 +100,99 @@ def sparsity_loss(heatmaps: Tensor) -> Tensor:
     Keras activity regulariser sums this over frames and divides by the batch size (x T / B,
     0.5 at its defaults); a per-frame mean keeps the weight independent of B and T."""
     return heatmaps.mean((-2, -1)).abs().mean()
+
+
+CANDIDATE_FRACTION = 0.25  # of the frame's best score; dim players score ~0.4 of the ball
+
+
+def log_softplus(x: Tensor) -> Tensor:
+    """log(softplus(x)), exact to ~e^-20 where softplus underflows (~x there), with gradient ~1."""
+    return torch.where(x < -20, x, nn.functional.softplus(x.clamp_min(-20)).log())
+
+
+def spare_keypoints(keypoints: Tensor, min_presence: float, radius: float) -> Tensor:
+    """[B, T, K] True where a keypoint (x, y, mu) [B, T, K, 3] adds nothing to the frame: faded
+    (mu < min_presence), or within `radius` of a keypoint more present than itself (ties go to
+    the lower index), as spare keypoints pile onto found objects and take turns there."""
+    xy, mu = keypoints[..., :2].float(), keypoints[..., 2].float()
+    k = mu.shape[-1]
+    close = torch.cdist(xy, xy) < radius  # [B, T, K, K]
+    index = torch.arange(k, device=mu.device)
+    outranked = (mu[..., None, :] > mu[..., :, None]) | ((mu[..., None, :] == mu[..., :, None])
+                                                          & (index[None, :] < index[:, None]))
+    return (mu < min_presence) | (close & outranked).any(-1)
+
+
+def assign(preference: Tensor, candidate: Tensor, spare: Tensor) -> Tensor:
+    """Each spare keypoint's target cell [B, T, K, 1]: greedily, the highest preference
+    [B, T, K, C] first, among candidate cells [B, T, C], each cell taking at most its share of
+    the frame's spare keypoints [B, T, K]. Spread this way, spare keypoints reach every
+    candidate, not only the one their maps already rate highest (like the object they came from)."""
+    k, c = preference.shape[-2:]
+    share = torch.ceil(spare.sum(-1) / candidate.sum(-1).clamp_min(1))[..., None]  # [B, T, 1]
+    open_ = preference.masked_fill(~(spare[..., None] & candidate[:, :, None]), -torch.inf)
+    taken = torch.zeros_like(candidate, dtype=torch.long)
+    target = torch.zeros(*spare.shape[:-1], k + 1, dtype=torch.long, device=spare.device)
+    for _ in range(k):
+        value, flat = open_.flatten(2).max(-1)  # [B, T]: the best open (keypoint, cell) pair
+        live = value > -torch.inf
+        if not live.any():
+            break
+        kp, cell = torch.where(live, flat // c, k), flat % c  # slot k takes frames with none left
+        target.scatter_(-1, kp[..., None], cell[..., None])
+        taken.scatter_add_(-1, cell[..., None], live[..., None].long())
+        done = nn.functional.one_hot(kp, k + 1)[..., :k].bool()
+        open_ = open_.masked_fill(done[..., None] | (taken >= share)[:, :, None], -torch.inf)
+    return target[..., :k, None]
+
+
+def exploration_loss(logits: Tensor, keypoints: Tensor, frames: Tensor, reconstruction: Tensor,
+                     min_presence: float) -> Tensor:
+    """Raises each spare keypoint's heatmap on an unclaimed moving object the decoder explains badly.
+
+    Candidates are the local maxima of a per-cell score: how much the pixels move (differ from
+    the clip's per-pixel temporal median, the background of a static camera) times how badly the
+    decoder draws them, at least CANDIDATE_FRACTION of the frame's best, and not next to a
+    keypoint that is not spare (its object is found, however large its residual). Spare
+    keypoints (`spare_keypoints`, duplicates within one heatmap cell) are spread over the
+    candidates by `assign`, and the loss is -log of each one's share of map mass at its target.
+
+    Why: heatmaps sharpen to one cell within a few hundred steps, after which softplus passes
+    ~e^-30 of gradient elsewhere, so a keypoint cannot move to an object it has no mass on; a
+    faded keypoint gets no gradient from the decoder at all, and a duplicate only the share its
+    twin leaves it. -log softplus has gradient ~1 at any logit, so this re-opens discovery for
+    the spare keypoints only, and stops for each as soon as it has an object of its own.
+
+    logits [B, T, K, h, w]; keypoints [B, T, K, 3]; frames, reconstruction [B, T, 3, H, W]."""
+    h = logits.shape[-1]
+    cell = frames.shape[-1] // h
+    logits = logits.float().flatten(-2)  # [B, T, K, h * w]
+    with torch.no_grad():
+        frames, reconstruction = frames.float(), reconstruction.float()
+        # Distances, not squared errors, so that dim objects still make candidates beside bright ones.
+        moving = (frames - frames.median(1, keepdim=True).values).norm(dim=2)
+        unexplained = (reconstruction - frames).norm(dim=2)
+        score = nn.functional.avg_pool2d(moving * unexplained, cell)
+        score = score.flatten(2)  # [B, T, h * w]
+        spacing = 2 / (h - 1)  # between heatmap cells, in keypoint units
+        spare = spare_keypoints(keypoints, min_presence, spacing)
+        # A cell next to a keypoint that is not spare has its object: a found fast or small
+        # object keeps a large residual, and spare keypoints would go back to it.
+        xs, ys = axis_grids(h, h, logits.device)
+        cells = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), -1).flatten(0, 1)  # [h * w, 2]
+        near = torch.cdist(keypoints[..., :2].float(), cells) < 1.5 * spacing  # [B, T, K, h * w]
+        score = score.masked_fill((near & ~spare[..., None]).any(2), 0)
+        best = score.amax(-1, keepdim=True)
+        # One candidate cell per object: the local maxima of the score.
+        peak = score == nn.functional.max_pool2d(score.unflatten(-1, (h, h)), 3, 1, 1).flatten(2)
+        candidate = peak & (score >= CANDIDATE_FRACTION * best) & (best > 0)
+        target = assign(logits, candidate, spare)
+        spare = spare & (best > 0)  # a frame with nothing unexplained that moves has no target
+    # The keypoint's coordinates are the centre of mass of (heatmap + EPS): the denominator keeps
+    # the EPS, the numerator drops it so that the gradient stays ~1 when the map is ~0 there.
+    mass = (nn.functional.softplus(logits) + EPS).sum(-1)
+    nll = mass.log() - log_softplus(logits.gather(-1, target).squeeze(-1))
+    return (nll * spare).mean()
 
 
 def gaussian_kl(mean_q: Tensor, std_q: Tensor, mean_p: Tensor, std_p: Tensor) -> Tensor:
@@ -192,7 +290,7 @@ class StructVRNN(nn.Module):
             raise ValueError(f"expected video [B, {cfg.steps}, 3, {cfg.image_size}, {cfg.image_size}], "
                              f"got {list(video.shape)}")
         frames = video - 0.5
-        keypoints, heatmaps = self.detector(frames)
+        keypoints, heatmaps, logits = self.detector(frames)
         reconstruction = self.decoder(keypoints, frames[:, 0], keypoints[:, 0])
         # The image model must not adopt the code of a half-trained dynamics model (paper, fn. 2).
         target = keypoints.detach()
@@ -205,10 +303,12 @@ class StructVRNN(nn.Module):
             "sparsity": sparsity_loss(heatmaps),
             "kl": kl.mean(),
             "future": sequence_l2(predicted, target),
+            "exploration": exploration_loss(logits, keypoints, frames, reconstruction,
+                                            cfg.exploration_presence),
         }
         loss = (cfg.reconstruction_weight * terms["reconstruction"] + cfg.separation_weight * terms["separation"]
                 + cfg.sparsity_weight * terms["sparsity"] + cfg.kl_weight(step) * terms["kl"]
-                + cfg.future_weight * terms["future"])
+                + cfg.future_weight * terms["future"] + cfg.exploration_weight * terms["exploration"])
         out = {"loss": loss, "terms": terms, "keypoints": keypoints, "heatmaps": heatmaps,
                "reconstruction": (reconstruction + 0.5).clamp(0, 1), "predicted_keypoints": predicted}
         if decode_predictions:

@@ -18,7 +18,7 @@ TRAIN_SECTIONS = tuple(TrainConfig.model_fields)  # overrides starting with thes
 # What a trial reports to Tune: the evaluation's tracking errors and the logged loss terms.
 EVAL_METRICS = ("tracking_error_observed", "tracking_error_predicted")
 LOSS_METRICS = ("train/loss", "train/reconstruction", "train/separation", "train/sparsity", "train/kl",
-                "train/future")
+                "train/future", "train/exploration")
 
 
 class Param(Config):
