@@ -102,7 +102,7 @@ def sparsity_loss(heatmaps: Tensor) -> Tensor:
     return heatmaps.mean((-2, -1)).abs().mean()
 
 
-CANDIDATE_FRACTION = 0.25  # of the frame's best score; dim players score ~0.4 of the ball
+CANDIDATE_FRACTION = 0.25  # of the frame's best; dim red and green score ~0.4 of it (docs/benchmarks.md)
 
 
 def log_softplus(x: Tensor) -> Tensor:
