@@ -20,11 +20,16 @@ def axis_grids(height: int, width: int, device: torch.device | None = None) -> t
     return torch.linspace(-1, 1, width, device=device), torch.linspace(1, -1, height, device=device)
 
 
+def coordinate_grid(height: int, width: int, device: torch.device | None = None) -> Tensor:
+    """(x, y) of every pixel centre [2, H, W], in keypoint coordinates."""
+    xs, ys = axis_grids(height, width, device)
+    return torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]))
+
+
 def add_coord_channels(images: Tensor) -> Tensor:
     """[N, C, H, W] -> [N, C + 2, H, W]; lets convolutions produce position-dependent output."""
     n, _, h, w = images.shape
-    xs, ys = axis_grids(h, w, images.device)
-    coords = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None])).to(images.dtype)
+    coords = coordinate_grid(h, w, images.device).to(images.dtype)
     return torch.cat([images, coords.expand(n, -1, -1, -1)], 1)
 
 

@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kpscale.config import Config
-from kpscale.models.keypoints import EPS, ImageDecoder, KeypointDetector, axis_grids
+from kpscale.models.keypoints import EPS, ImageDecoder, KeypointDetector, coordinate_grid
 
 
 class StructVRNNConfig(Config):
@@ -178,8 +178,7 @@ def exploration_loss(logits: Tensor, keypoints: Tensor, frames: Tensor, reconstr
         spare = spare_keypoints(keypoints, min_presence, spacing)
         # A cell next to a keypoint that is not spare has its object: a found fast or small
         # object keeps a large residual, and spare keypoints would go back to it.
-        xs, ys = axis_grids(h, h, logits.device)
-        cells = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), -1).flatten(0, 1)  # [h * w, 2]
+        cells = coordinate_grid(h, h, logits.device).flatten(1).T  # [h * w, 2]
         near = torch.cdist(keypoints[..., :2].float(), cells) < 1.5 * spacing  # [B, T, K, h * w]
         score = score.masked_fill((near & ~spare[..., None]).any(2), 0)
         best = score.amax(-1, keepdim=True)
