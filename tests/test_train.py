@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed is imported: there is no GPU here
 
@@ -22,9 +23,9 @@ from conftest import ROOT, TINY_MODEL
 TINY = [*TINY_MODEL, "data.batch_size=2", "data.num_workers=0", "train.warmup_steps=1", "train.log_every=2"]
 
 
-def train(*overrides, timeout=300):
+def train(*overrides, timeout=300, env=None):
     return subprocess.run([sys.executable, "-m", "kpscale.train", *TINY, *overrides], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.parametrize("override, words", [
@@ -51,14 +52,9 @@ def test_default_config_loads_and_fits_the_window():
 
 
 def _engine(cfg, seed=0):
-    import deepspeed
-
-    from kpscale.train.engine import deepspeed_config, param_groups
+    from kpscale.train.engine import build_engine
     torch.manual_seed(seed)
-    model = build_model(cfg.model)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-                                      config=deepspeed_config(cfg.train, cfg.data.batch_size, bf16=False))
-    return engine
+    return build_engine(build_model(cfg.model), cfg, bf16=False)
 
 
 def _steps(engine, batches, first_step):
@@ -70,6 +66,9 @@ def _steps(engine, batches, first_step):
 
 def _init_single_process(monkeypatch, port):
     import deepspeed
+
+    from kpscale.train.engine import skip_shm_comm_op
+    skip_shm_comm_op()
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(key, value)
@@ -134,6 +133,48 @@ def _run(client, tmp_path):
     experiment = client.get_experiment_by_name("kpscale")
     (run,) = client.search_runs([experiment.experiment_id])
     return run
+
+
+def repeated_lines(output: str) -> dict[str, int]:
+    """Lines that occur more than twice once timestamps, process ids and Ray's "[repeated Nx]"
+    tags are removed: a warning printed in a loop, whatever its pid or time."""
+    counts = Counter()
+    for line in output.splitlines():
+        line = re.sub(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ", "", line)
+        line = re.sub(r"pid=\d+(, ip=[\d.]+)?", "pid=", re.sub(r"\s*\[repeated \d+x across cluster\]", "", line))
+        counts[line.strip()] += 1
+    return {line: n for line, n in counts.items() if n > 2 and line}
+
+
+def test_repeated_lines_are_counted_whatever_their_pid_and_time():
+    flood = "\n".join(f"(PlacementGroupCleaner pid={100 + i}) Failed to query actor state.{' [repeated 4x across cluster]' * (i % 2)}"
+                      for i in range(5))
+    steps = "\n".join(f"2026-11-29 01:59:0{i},521 INFO kpscale.train: step {i}: loss 1.0" for i in range(5))
+    assert repeated_lines(flood + "\n" + steps) == {"(PlacementGroupCleaner pid=) Failed to query actor state.": 5}
+
+
+@pytest.mark.slow
+def test_first_run_beside_a_stale_build_lock_trains_and_prints_no_flood(basketball, tmp_path):
+    """A Ctrl+C during a JIT build leaves a lock file in the torch extensions folder, which made
+    every later build of DeepSpeed's CPU shared-memory op wait for ever (on a first run, inside
+    deepspeed.initialize). The run must train to its end beside such a lock, and its output must
+    be the training: no warning printed in a loop."""
+    extensions = tmp_path / "torch_extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").touch()
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}
+    started = time.time()
+    try:
+        result = train(f"data.train={basketball / 'train'}", f"data.test={basketball / 'test'}", "train.steps=60",
+                       "train.log_every=20", "train.eval_every=60", "train.eval_clips=8",
+                       f"train.storage={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                       timeout=240, env=env)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"no end within 240 s beside a stale lock; last output: {(exc.stderr or b'')[-2000:]}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "step 20: loss" in output and "step 60: tracking error" in output
+    assert repeated_lines(output) == {}, f"{time.time() - started:.0f} s run"
 
 
 @pytest.mark.slow

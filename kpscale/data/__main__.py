@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from kpscale import logs
 from kpscale.config import ConfigError, load, parse_with_overrides
 from kpscale.data.build import build
 from kpscale.data.card import DatasetCard
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="loader settings, e.g. batch_size=32 num_workers=0")
     p.set_defaults(func=cmd_stream)
     args = parse_with_overrides(parser, argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup()
     try:
         args.func(args)
     except (ConfigError, DataError, SourceError) as exc:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from kpscale import logs
 from kpscale.config import ConfigError, validate
 from kpscale.data.stream import DataError, resolve_shards
 from kpscale.evaluate.evaluator import EvaluateConfig, PartResult, evaluate_part, summarise
@@ -99,7 +100,8 @@ def _run_parts(model, cfg, ecfg: EvaluateConfig, weights, positions, i3d, vgg, t
             return [evaluate_part(model, cfg, ecfg, weights, positions, i3d, vgg, 0, 1, ecfg.clips, bar)]
     import ray
 
-    ray.init(logging_level=logging.WARNING)
+    from kpscale.train.launch import start_ray
+    start_ray()
     parts = 4 * ecfg.workers  # more parts than tasks: a finer progress bar, and stragglers even out
     limit = None if ecfg.clips is None else math.ceil(ecfg.clips / parts)
     task = ray.remote(num_cpus=ecfg.cpus_per_worker)(_remote_part)
@@ -177,7 +179,7 @@ def summary_table(metrics: dict[str, float], samples: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup()
     from kpscale.evaluate.fvd import FVD
     from kpscale.evaluate.frames import load_vgg
     from kpscale.evaluate.i3d import load_i3d

@@ -9,9 +9,9 @@ cluster. Starting the same run (train.run_name) again resumes from its latest ch
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from kpscale import logs
 from kpscale.config import ConfigError, parse_with_overrides
 from kpscale.data.stream import DataError
 from kpscale.train.config import load_train_config
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="e.g. data.train=PATH train.steps=200 train.workers=2 train.zero_stage=2 "
                              "model.num_keypoints=12")
     args = parse_with_overrides(parser, argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup()
     try:
         cfg = with_default_data(load_train_config(args.config, args.overrides))  # before any Ray resources
         run(cfg)

@@ -1,11 +1,48 @@
-"""The optimiser side of a training section: Adam's parameter groups, and the DeepSpeed config
-(ZeRO stage, precision, Adam, LR schedule, clipping)."""
+"""The optimiser side of a training section: the DeepSpeed engine, Adam's parameter groups, and
+the DeepSpeed config (ZeRO stage, precision, Adam, LR schedule, clipping)."""
 
 from __future__ import annotations
 
+import logging
+
 from torch import nn
 
-from kpscale.train.config import TrainSection
+from kpscale.train.config import TrainConfig, TrainSection
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, bf16: bool):
+    """A DeepSpeed engine training `model` as `cfg.train` says. DeepSpeed must have been
+    imported after DS_ACCELERATOR was set (DeepSpeed picks its accelerator on import)."""
+    import deepspeed
+
+    skip_shm_comm_op()
+    logging.getLogger("DeepSpeed").addFilter(_not_the_schedule_start_warning)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+                                      config=deepspeed_config(cfg.train, cfg.data.batch_size, bf16))
+    return engine
+
+
+def _not_the_schedule_start_warning(record: logging.LogRecord) -> bool:
+    """The warm-up schedules' constructors ask themselves for a learning rate before step 0 and
+    warn that they have not started: a line per worker about DeepSpeed's own order of calls."""
+    return "before it has started" not in record.getMessage()
+
+
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed's CPU comm backend from JIT-compiling its shared-memory all-reduce.
+
+    DeepSpeed builds it when its first comm backend starts: ~70 s with a compiler on a user's
+    first run, and forever when an interrupted build left its lock file in the torch extensions
+    folder (torch's FileBaton waits for the lock without a timeout). Only DeepSpeed's
+    tensor-parallel inference calls it (`inference_all_reduce`); training's collectives go
+    through torch.distributed, so marking the op incompatible changes no step. Call it before
+    `deepspeed.init_distributed` or `deepspeed.initialize`."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:  # only CPU accelerators have one
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list:

@@ -4,6 +4,7 @@ TorchTrainer whose workers run `kpscale.train.loop.train_loop`."""
 from __future__ import annotations
 
 import logging
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -45,14 +46,32 @@ def dataset_name(spec: str) -> str:
 
 def run(cfg: TrainConfig):
     """Join the Ray cluster (RAY_ADDRESS, the job's cluster, else a new local one) and train."""
-    import ray
-
-    # A local Ray without its dashboard: on 2 cores the dashboard's processes cost training ~3%
-    # (kpscale.bench train: ratio 0.88-0.89 with, 0.91 without); MLflow is the UI of a local run.
-    # Joining a cluster, the flag is ignored and its dashboard stays.
-    ray.init(logging_level=logging.WARNING, include_dashboard=False)
+    log.info("config:\n%s", summary(cfg))
+    start_ray()
     check_fits_cluster(cfg)
     return fit(cfg)
+
+
+def start_ray() -> None:
+    """Join the cluster of RAY_ADDRESS (set inside `ray job submit` too), else start a local Ray.
+
+    The local Ray keeps its dashboard: Ray Train's placement-group cleaner and run-state actor
+    ask the dashboard's state API every second whether the controller lives, and without it
+    they print a warning each time."""
+    import ray
+
+    ray.init(logging_level=logging.WARNING)
+
+
+def summary(cfg: TrainConfig) -> str:
+    """The resolved config, a line of `key=value` per section, for the log's first lines."""
+    sections: dict[str, list[str]] = {}
+    for key, value in cfg.flat().items():
+        section, _, name = key.partition(".")
+        sections.setdefault(section, []).append(f"{name}={value}")
+    return "\n".join(textwrap.fill(" ".join(items), width=110, initial_indent=f"  {section:<9}",
+                                    subsequent_indent=" " * 11, break_on_hyphens=False)
+                      for section, items in sections.items())
 
 
 def check_fits_cluster(cfg: TrainConfig) -> None:
@@ -76,7 +95,7 @@ def fit(cfg: TrainConfig, parent_run_id: str | None = None, callbacks: list | No
     """Fit a TorchTrainer on the connected Ray cluster, logging to the run's MLflow run (a child
     of `parent_run_id` in a sweep). `callbacks` are Ray Train UserCallbacks, e.g. Tune's."""
     import mlflow
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from kpscale.tracking import git_commit, open_run, tracking_uri
@@ -102,6 +121,9 @@ def fit(cfg: TrainConfig, parent_run_id: str | None = None, callbacks: list | No
         run_config=RunConfig(storage_path=storage, name=cfg.train.run_name, callbacks=callbacks or [],
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             # Ray Train's own INFO lines (a process group set up, each report and
+                             # checkpoint with all its metrics) go to its log files, not the console.
+                             logging_config=LoggingConfig(log_level="WARNING"),
                              # Ray starts workers at niceness 15 so its own processes stay responsive;
                              # a training worker is the work itself and should not yield to them.
                              worker_runtime_env={"env_vars": {"RAY_worker_niceness": "0", **allocator.ENV}}))
@@ -116,5 +138,6 @@ def fit(cfg: TrainConfig, parent_run_id: str | None = None, callbacks: list | No
         raise
     if closes_run:
         mlflow.MlflowClient(uri).set_terminated(run_id, status="FINISHED")
-    log.info("finished at step %s; checkpoint %s", result.metrics.get("step"), result.checkpoint)
+    log.info("finished at step %s: MLflow run %s in %s, checkpoint %s", result.metrics.get("step"), run_id, uri,
+             result.checkpoint.path if result.checkpoint else None)
     return result

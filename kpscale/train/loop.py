@@ -15,6 +15,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from kpscale import logs
 from kpscale.data.stream import ClipLoader
 from kpscale.models import build_model
 from kpscale.train.config import TrainConfig
@@ -23,23 +24,21 @@ log = logging.getLogger("kpscale.train")
 
 
 def train_loop(config: dict) -> None:
+    logs.setup()
     cfg = TrainConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
-    # DeepSpeed picks its accelerator when first imported, so only after the line above.
-    import deepspeed
-
+    # These import DeepSpeed, which picks its accelerator when first imported: only after the line above.
     from kpscale.train import checkpoint
-    from kpscale.train.engine import deepspeed_config, param_groups
+    from kpscale.train.engine import build_engine
 
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     torch.manual_seed(cfg.train.seed + rank)
     model = build_model(cfg.model)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-                                      config=deepspeed_config(cfg.train, cfg.data.batch_size, bf16))
+    engine = build_engine(model, cfg, bf16)
     step, epoch = 0, 0
     restored = ray.train.get_checkpoint()
     if restored is None and cfg.train.init_checkpoint:

@@ -16,9 +16,9 @@ local Ray; with RAY_ADDRESS, or inside `ray job submit`, it joins that cluster.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from kpscale import logs
 from kpscale.config import ConfigError, parse_with_overrides
 from kpscale.data.stream import DataError
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="e.g. num_samples=8 scheduler.type=pbt train.steps=400 data.train=PATH")
     args = parse_with_overrides(parser, argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup()
     from kpscale.tune.runner import SweepInterrupted, run_sweep
     from kpscale.tune.sweep import load_sweep
 

@@ -14,11 +14,10 @@ log = logging.getLogger("kpscale.tune")
 
 
 def run_sweep(sweep: Sweep) -> dict:
-    import ray
     from ray import tune
 
     from kpscale.tracking import git_commit, open_run, tracking_uri
-    from kpscale.train.launch import check_fits_cluster, dataset_name, with_default_data
+    from kpscale.train.launch import check_fits_cluster, dataset_name, start_ray, with_default_data
     from kpscale.tune.report import summarise
     from kpscale.tune.trial import run_trial
 
@@ -27,7 +26,7 @@ def run_sweep(sweep: Sweep) -> dict:
     # Trials run in their own working folders: every path they see must be absolute.
     sweep.base_tree = with_values(sweep.base_tree, {"data.train": _absolute(base.data.train),
                                                     "data.test": _absolute(base.data.test), "tracking.uri": uri})
-    ray.init(logging_level=logging.WARNING)
+    start_ray()
     check_fits_cluster(base)
     parent = open_run(uri, base.tracking.experiment, f"{sweep.folder}/mlflow_run_id", sweep.cfg.name, sweep.cfg,
                       tags={"git_commit": git_commit(), "dataset": dataset_name(base.data.train), "sweep": "true"})
