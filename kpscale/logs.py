@@ -1,9 +1,11 @@
 """The console log of kpscale's commands and training workers: kpscale's own INFO lines, other
 libraries' warnings.
 
-MLflow, Ray and DeepSpeed say at INFO what they create and connect to (database tables, an
-experiment, a process group, each report to Ray Train with all its metrics); that is not what
-the user ran the command for. A MLFLOW_LOGGING_LEVEL the user set wins."""
+MLflow and Ray say at INFO what they create and connect to (database tables, an experiment,
+each report to Ray Train with all its metrics); that is not what the user ran the command for.
+Ray Train's own `ray.train` logger keeps its INFO lines: they say when workers start, where a
+checkpoint went, and why a failed worker group is restarted. A MLFLOW_LOGGING_LEVEL the user
+set wins."""
 
 from __future__ import annotations
 

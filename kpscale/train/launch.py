@@ -95,7 +95,7 @@ def fit(cfg: TrainConfig, parent_run_id: str | None = None, callbacks: list | No
     """Fit a TorchTrainer on the connected Ray cluster, logging to the run's MLflow run (a child
     of `parent_run_id` in a sweep). `callbacks` are Ray Train UserCallbacks, e.g. Tune's."""
     import mlflow
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from kpscale.tracking import git_commit, open_run, tracking_uri
@@ -121,9 +121,6 @@ def fit(cfg: TrainConfig, parent_run_id: str | None = None, callbacks: list | No
         run_config=RunConfig(storage_path=storage, name=cfg.train.run_name, callbacks=callbacks or [],
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             # Ray Train's own INFO lines (a process group set up, each report and
-                             # checkpoint with all its metrics) go to its log files, not the console.
-                             logging_config=LoggingConfig(log_level="WARNING"),
                              # Ray starts workers at niceness 15 so its own processes stay responsive;
                              # a training worker is the work itself and should not yield to them.
                              worker_runtime_env={"env_vars": {"RAY_worker_niceness": "0", **allocator.ENV}}))
