@@ -55,9 +55,9 @@ def run(cfg: TrainConfig):
 def start_ray() -> None:
     """Join the cluster of RAY_ADDRESS (set inside `ray job submit` too), else start a local Ray.
 
-    The local Ray keeps its dashboard: Ray Train's placement-group cleaner and run-state actor
-    ask the dashboard's state API every second whether the controller lives, and without it
-    they print a warning each time."""
+    The local Ray keeps its dashboard: Ray Train's placement-group cleaner asks the dashboard's
+    state API every second whether the controller still lives (its run-state actor asks it too),
+    and without it prints a warning each time."""
     import ray
 
     ray.init(logging_level=logging.WARNING)
@@ -135,6 +135,7 @@ def fit(cfg: TrainConfig, parent_run_id: str | None = None, callbacks: list | No
         raise
     if closes_run:
         mlflow.MlflowClient(uri).set_terminated(run_id, status="FINISHED")
-    log.info("finished at step %s: MLflow run %s in %s, checkpoint %s", result.metrics.get("step"), run_id, uri,
-             result.checkpoint.path if result.checkpoint else None)
+    browse = uri if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
+    log.info("finished at step %s: MLflow run %s (browse with: %s), checkpoint %s", result.metrics.get("step"),
+             run_id, browse, result.checkpoint.path if result.checkpoint else None)
     return result
