@@ -1,3 +1,4 @@
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -41,3 +42,14 @@ def basketball_copy(basketball, tmp_path) -> Path:
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.INFO)
+
+
+def registered_step(folder: Path) -> int:
+    """The step of the latest checkpoint that Ray Train's controller has registered in the run
+    folder: the one a resumed or restarted run starts from (registration lags the checkpoint
+    folder on a loaded machine)."""
+    try:
+        latest = json.loads((folder / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):  # not written yet, or being rewritten
+        return 0
+    return int((latest or {}).get("metrics", {}).get("step", 0))

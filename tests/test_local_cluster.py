@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import ROOT, TINY_MODEL
+from conftest import ROOT, TINY_MODEL, registered_step
 
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -71,16 +71,6 @@ def _runs(env: dict, filter_string: str) -> list[dict]:
     return _rest(env, "runs/search", {"experiment_ids": [experiment], "filter": filter_string}).get("runs", [])
 
 
-def _registered_step(folder: Path) -> int:
-    """The step of the latest checkpoint that Ray Train's controller has registered: the one a
-    resumed run starts from."""
-    try:
-        latest = json.loads((folder / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):  # not written yet, or being rewritten
-        return 0
-    return int((latest or {}).get("metrics", {}).get("step", 0))
-
-
 @pytest.mark.slow
 def test_local_cluster_jobs_log_to_the_mlflow_server(local_cluster, basketball, tmp_path):
     env = local_cluster
@@ -99,9 +89,9 @@ def test_local_cluster_jobs_log_to_the_mlflow_server(local_cluster, basketball, 
              f"train.storage={tmp_path / 'runs'}"]
     assert _job(env, "submit", "--no-wait", "--submission-id", "train-1", *train).returncode == 0
     deadline = time.time() + 300
-    while _registered_step(tmp_path / "runs" / "job") < 8:
-        logs = _job(env, "logs", "train-1").stdout
-        assert time.time() < deadline and "FAILED" not in _job(env, "status", "train-1").stdout, logs[-3000:]
+    while registered_step(tmp_path / "runs" / "job") < 8:
+        assert time.time() < deadline and "FAILED" not in _job(env, "status", "train-1").stdout, \
+            _job(env, "logs", "train-1").stdout[-3000:]
         time.sleep(2)
     assert _job(env, "stop", "train-1").returncode == 0
     assert "was stopped" in _job(env, "status", "train-1").stdout

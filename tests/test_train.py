@@ -18,7 +18,7 @@ import torch
 from kpscale.models import build_model
 from kpscale.predict import load_trained
 from kpscale.train.config import load_train_config
-from conftest import ROOT, TINY_MODEL
+from conftest import ROOT, TINY_MODEL, registered_step
 
 TINY = [*TINY_MODEL, "data.batch_size=2", "data.num_workers=0", "train.warmup_steps=1", "train.log_every=2"]
 
@@ -213,11 +213,10 @@ def test_run_survives_a_killed_worker(basketball, tmp_path):
     log = open(tmp_path / "log", "w+")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        # Kill once Ray Train's controller has registered a checkpoint: it restores the latest
-        # registered one, and registration lags the checkpoint folder on a loaded machine.
-        snapshot = tmp_path / "runs" / "kill-test" / "checkpoint_manager_snapshot.json"
+        # Kill once Ray Train's controller has registered a checkpoint (the first is step 5): it
+        # restores the latest registered one.
         deadline = time.time() + 240
-        while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()) and time.time() < deadline:
+        while registered_step(tmp_path / "runs" / "kill-test") < 5 and time.time() < deadline:
             assert proc.poll() is None, open(tmp_path / "log").read()[-3000:]
             time.sleep(0.2)
         workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()

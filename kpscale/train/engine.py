@@ -52,9 +52,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if weight_decay == 0:
         # The plain parameter list, as before weight decay existed: its checkpoints resume and its
-        # steps are bit-identical. A one-dict group changed DeepSpeed's arithmetic (loss 86.9431
-        # vs 86.9423 at step 25), and that alone moved the default run from 8.09 px with 3
-        # objects found to 10.79 px with 2 (docs/benchmarks.md).
+        # steps are bit-identical. DeepSpeed builds torch AdamW here, whose own default decay
+        # (0.01, decoupled) a plain list keeps and a group's explicit 0 would replace: that alone
+        # moved the default run from 8.09 px with 3 objects found to 10.79 px with 2
+        # (docs/benchmarks.md; making `weight_decay` the coupled L2 it claims is issue 16's).
         return trainable
     kernels = {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d)}
     return [{"params": [p for p in trainable if id(p) in kernels], "weight_decay": 2 * weight_decay},
