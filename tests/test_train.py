@@ -78,20 +78,28 @@ def _init_single_process(monkeypatch, port):
 
 def test_weight_decay_shrinks_conv_kernels_only(monkeypatch):
     """With no loss gradient, a DeepSpeed Adam step moves each conv kernel towards zero and leaves
-    biases and the dynamics' dense layers where they were (the official L2 on conv kernels)."""
+    biases and the dynamics' dense layers where they were (the official L2 on conv kernels). The
+    decay is coupled, as in Keras: Adam normalises the L2 gradient, so every kernel element moves
+    by the learning rate, where decoupled AdamW would move it by lr * decay * |w| (~1e-5 of that)."""
     _init_single_process(monkeypatch, 29710)
     cfg = load_train_config(None, [*TINY, "train.zero_stage=2", "train.lr_schedule=constant", "train.weight_decay=1e-4"])
     engine = _engine(cfg)
     before = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
+    applied = 0.0
     for step in range(3):  # the warmup gives the first two steps a learning rate of 0
         out = engine(torch.rand(2, 8, 3, 64, 64), step, decode_predictions=False)
         engine.backward(0 * out["loss"])
+        applied += engine.get_lr()[0]
         engine.step()
+    assert applied > 0
     kernels = {f"{name}.weight" for name, m in engine.module.named_modules() if isinstance(m, torch.nn.Conv2d)}
     assert kernels and len(kernels) < len(before)
     for name, p in engine.module.named_parameters():
         if name in kernels:
             assert p.abs().sum() < before[name].abs().sum(), name
+            moved = (before[name] - p.detach()).abs()  # below lr only where |2 * decay * w| nears Adam's eps
+            assert moved.median().item() == pytest.approx(applied, rel=1e-2) and moved.max().item() <= applied * 1.001, \
+                f"{name} moved by {moved.median():.3g} (median), not the learning rate {applied}: not coupled L2"
         else:
             torch.testing.assert_close(p, before[name], rtol=0, atol=0, msg=name)
 

@@ -50,13 +50,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list:
     conv). Keras' l2(c) adds c * sum(w^2) to the loss, whose gradient 2cw is what torch Adam's
     coupled `weight_decay` adds: hence 2 * weight_decay."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if weight_decay == 0:
-        # The plain parameter list, as before weight decay existed: its checkpoints resume and its
-        # steps are bit-identical. DeepSpeed builds torch AdamW here, whose own default decay
-        # (0.01, decoupled) a plain list keeps and a group's explicit 0 would replace: that alone
-        # moved the default run from 8.09 px with 3 objects found to 10.79 px with 2
-        # (docs/benchmarks.md; making `weight_decay` the coupled L2 it claims is issue 16's).
-        return trainable
     kernels = {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d)}
     return [{"params": [p for p in trainable if id(p) in kernels], "weight_decay": 2 * weight_decay},
             {"params": [p for p in trainable if id(p) not in kernels], "weight_decay": 0.0}]
@@ -76,7 +69,9 @@ def deepspeed_config(train: TrainSection, batch_size: int, bf16: bool) -> dict:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": train.grad_clip,
         # torch's Adam: DeepSpeed's own would be JIT-compiled on first use (minutes, needs a compiler).
-        "optimizer": {"type": "Adam", "params": {"lr": train.lr, "torch_adam": True}},
+        # adam_w_mode off: DeepSpeed's "Adam" is otherwise torch AdamW, which adds its own
+        # decoupled decay (0.01) to every parameter; the decay here is the coupled L2 of the groups.
+        "optimizer": {"type": "Adam", "params": {"lr": train.lr, "torch_adam": True, "adam_w_mode": False}},
         "scheduler": {"type": schedule[0], "params": schedule[1]},
         "zero_optimization": {"stage": train.zero_stage},
         "bf16": {"enabled": bf16},
