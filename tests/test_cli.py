@@ -12,7 +12,7 @@ def run(*args, **kw):
 
 @pytest.mark.parametrize("command", [
     ["kpscale.data"], ["kpscale.data", "build"], ["kpscale.data", "convert"], ["kpscale.data", "stream"],
-    ["kpscale.bench"], ["kpscale.bench", "data"], ["kpscale.train"], ["kpscale.predict"], ["kpscale.tune"]])
+    ["kpscale.bench"], ["kpscale.bench", "data"], ["kpscale.bench", "dynamics"], ["kpscale.train"], ["kpscale.predict"], ["kpscale.tune"]])
 def test_every_entry_point_has_help(command):
     result = run(*command, "--help")
     assert result.returncode == 0 and "usage: python -m" in result.stdout
@@ -57,3 +57,35 @@ def test_train_benchmark_prints_side_by_side_ratios(tmp_path):
     figures = json.loads((tmp_path / "b.json").read_text())
     assert figures["bare_clips_per_s"] > 0 and figures["ray_deepspeed_clips_per_s"] > 0
     assert set(figures["peak_memory_mb"]) == {"0", "2", "3"} and min(figures["peak_memory_mb"].values()) > 100
+
+
+def test_dynamics_toy_and_its_baselines():
+    """Dots on a straight path: constant velocity is exact, holding still lags by speed * steps."""
+    import torch
+
+    from kpscale.bench.dynamics import SIZE, baselines, bouncing_dots
+    dots = bouncing_dots(64, 16, 3, torch.Generator().manual_seed(0))
+    assert dots.shape == (64, 16, 3, 3) and (dots[..., 2] == 1).all()
+    xy = (dots[..., :2] + 1) * SIZE / 2
+    assert xy.min() >= 4 and xy.max() <= SIZE - 4  # reflected at the walls, never through them
+    speed = (xy[:, 1:] - xy[:, :-1]).norm(dim=-1)
+    straight = (speed.amax(1) - speed.amin(1) < 1e-3).all(-1)  # windows with no bounce
+    assert 0 < straight.sum() < 64
+    figures = baselines(dots[straight], observed=8)
+    assert figures["constant_velocity"] == pytest.approx(0, abs=1e-3)
+    assert figures["hold"] == pytest.approx(speed[straight].mean().item() * 4.5, rel=1e-3)  # mean of 1..8 steps ahead
+
+
+def test_dynamics_benchmark_trains_each_beta_on_the_same_windows(tmp_path):
+    result = run("kpscale.bench", "--json", str(tmp_path / "b.json"), "dynamics", "--beta", "1", "0", "--steps", "20",
+                 "--windows", "16", "--samples", "3", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "constant velocity" in result.stdout and "beta=0 " in result.stdout
+    import json
+    figures = json.loads((tmp_path / "b.json").read_text())
+    models = figures["models"]
+    assert set(models) == {"beta=1", "beta=0"}
+    for m in models.values():
+        assert len(m["kl_per_step"]) == 8 and len(m["error_per_step"]) == 16
+        assert m["best_predicted"] <= m["mean_predicted"]  # the best of 3 samples, per object
+    assert models["beta=1"]["best_predicted"] != models["beta=0"]["best_predicted"]

@@ -1,4 +1,4 @@
-"""python -m kpscale.bench {data,train,evaluate}: benchmarks that print side-by-side ratios measured in one run.
+"""python -m kpscale.bench {data,train,evaluate,dynamics}: benchmarks that print side-by-side ratios measured in one run.
 Figures and the commands that made them are kept in docs/benchmarks.md."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from kpscale.bench import data, evaluate, train
+from kpscale.bench import data, dynamics, evaluate, train
 from kpscale.config import parse_with_overrides
 
 
@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("evaluate", help="kpscale.evaluate clips/s with N samples: in-process, with I3D, over Ray")
     evaluate.add_arguments(p)
     p.set_defaults(run=evaluate.run)
+    p = sub.add_parser("dynamics", help="the VRNN alone on ground-truth bouncing dots vs holding still and constant velocity")
+    dynamics.add_arguments(p)
+    p.set_defaults(run=dynamics.run)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parse_with_overrides(parser, argv)
     figures = args.run(args)

@@ -39,10 +39,10 @@ class StructVRNNConfig(Config):
     scheduled_sampling_steps: int = Field(8000, ge=0)
     p_true_end_observed: float = Field(0.1, ge=0, le=1)
     p_true_end_predicted: float = Field(0.5, ge=0, le=1)
-    # The official default beta = 0 leaves the prior net untrained (the KL is its only gradient),
-    # so predictions would sample a random prior; the paper tunes beta per dataset. 1 is the plain
-    # ELBO of a unit-variance Gaussian keypoint likelihood, matching the 0.5 * L2 "future" term,
-    # and best of many keeps samples diverse even when the posterior is pulled onto the prior.
+    # The official default beta = 0 leaves the prior net untrained (the KL is its only gradient);
+    # the paper tunes beta per dataset. Against the 0.5 * L2 keypoint term (a Gaussian of std 1,
+    # half the image), 1 collapses the posterior onto the prior, so observed steps do not reach
+    # the model when futures are sampled (docs/benchmarks.md, "The dynamics"; issue 16 open).
     beta: float = Field(1.0, ge=0)
     kl_anneal_steps: int = Field(1000, ge=0)  # beta ramps linearly from 0 (official)
     reconstruction_weight: float = Field(1.0, ge=0)
