@@ -13,6 +13,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from kpscale.evaluate.tracking import distance, no_dynamics
 from kpscale.models.struct_vrnn import VRNN, sequence_l2
 from kpscale.train.config import load_train_config
 
@@ -53,7 +54,7 @@ def bouncing_dots(n: int, steps: int, dots: int, generator: torch.Generator) -> 
 
 def pixels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Distance in pixels between keypoints [..., 3] (x, y only)."""
-    return (a[..., :2] - b[..., :2]).norm(dim=-1) * SIZE / 2
+    return distance(a[..., :2], b[..., :2]) * SIZE / 2
 
 
 @torch.no_grad()
@@ -79,14 +80,16 @@ def measure(model: VRNN, test: torch.Tensor, observed: int, samples: int) -> dic
 
 
 def baselines(test: torch.Tensor, observed: int) -> dict:
+    future = test.shape[1] - observed
     last, before = test[:, observed - 1:observed], test[:, observed - 2:observed - 1]
-    ahead = torch.arange(1, test.shape[1] - observed + 1, dtype=test.dtype)[None, :, None, None]
-    return {"hold": pixels(last, test[:, observed:]).mean().item(),
+    ahead = torch.arange(1, future + 1, dtype=test.dtype)[None, :, None, None]
+    return {"hold": pixels(no_dynamics(test[:, :observed], future), test[:, observed:]).mean().item(),
             "constant_velocity": pixels(last + (last - before) * ahead, test[:, observed:]).mean().item()}
 
 
 def run(args: argparse.Namespace) -> dict:
-    base = load_train_config(args.config, args.overrides).model
+    train_cfg = load_train_config(args.config, args.overrides)
+    base = train_cfg.model
     observed, steps = base.observed, base.steps
     test = bouncing_dots(args.windows, steps, args.dots, torch.Generator().manual_seed(10**6 + args.seed))
     figures = {"baselines": baselines(test, observed), "models": {}}
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> dict:
             loss = sequence_l2(predicted, x) + cfg.kl_weight(step) * kl.mean()
             optimizer.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.train.grad_clip or float("inf"))
             optimizer.step()
         figures["models"][f"beta={beta:g}"] = {**measure(model, test, observed, args.samples),
                                                 "train_s": time.perf_counter() - started}
