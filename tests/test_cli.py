@@ -32,6 +32,10 @@ def test_bad_input_gets_one_clear_line(tmp_path):
     assert "Traceback" not in result.stderr
     result = run("kpscale.data", "stream", str(tmp_path / "none"))
     assert result.returncode == 2 and "no shards found" in result.stderr and "Traceback" not in result.stderr
+    result = run("kpscale.bench", "dynamics", "model.nope=1")
+    assert result.returncode == 2 and "model.nope" in result.stderr and "Traceback" not in result.stderr
+    result = run("kpscale.bench", "dynamics", "--dots", "0")
+    assert result.returncode == 2 and "--dots" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.slow

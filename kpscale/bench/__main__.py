@@ -8,7 +8,8 @@ import json
 import sys
 
 from kpscale.bench import data, dynamics, evaluate, train
-from kpscale.config import parse_with_overrides
+from kpscale.config import ConfigError, parse_with_overrides
+from kpscale.data.stream import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=dynamics.run)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parse_with_overrides(parser, argv)
-    figures = args.run(args)
+    try:
+        figures = args.run(args)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

@@ -20,14 +20,21 @@ from kpscale.train.config import load_train_config
 SIZE = 64  # box side in pixels; keypoints are in [-1, 1] units, SIZE / 2 px each
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta", type=float, nargs="+", default=[1.0, 0.0], help="KL weights, one model each")
-    parser.add_argument("--steps", type=int, default=2000, help="Adam steps per model")
-    parser.add_argument("--dots", type=int, default=3, help="objects, and keypoints")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=positive, default=2000, help="Adam steps per model")
+    parser.add_argument("--dots", type=positive, default=3, help="objects, and keypoints")
+    parser.add_argument("--batch-size", type=positive, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--windows", type=int, default=200, help="held-out windows")
-    parser.add_argument("--samples", type=int, default=10, help="sampled futures per window (best of)")
+    parser.add_argument("--windows", type=positive, default=200, help="held-out windows")
+    parser.add_argument("--samples", type=positive, default=10, help="sampled futures per window (best of)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", help="training config whose model section sizes the VRNN (default: the package's)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
