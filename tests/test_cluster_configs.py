@@ -378,7 +378,7 @@ def test_working_dir_upload_holds_the_code_and_stays_small(runtime_env):
     _dir_travel(ROOT, [_get_excludes(ROOT, excludes)], lambda p: files.append(p) if p.is_file() else None,
                 include_gitignore=True)
     names = {p.relative_to(ROOT).as_posix() for p in files}
-    for needed in ("kpscale/__init__.py", "kpscale/data/stream.py", "kpscale/train/default.yaml",
+    for needed in ("kpscale/__init__.py", "kpscale/data/stream.py", "kpscale/models/struct_vrnn/configs/basketball_cpu.yaml",
                    "kpscale/tune/sweep.py", "tuning/basketball.yaml", "datasets/basketball.yaml"):
         assert needed in names, f"{needed} would not be uploaded"
     for top in ("data/", "runs/", "mlruns/", ".venv/", ".git/"):

@@ -8,7 +8,7 @@ from kpscale.config import ConfigError, validate
 from kpscale.models import MODELS, build_model
 from kpscale.models.keypoints import (ImageDecoder, KeypointDetector, add_coord_channels,
                                       heatmaps_to_keypoints, keypoints_to_maps)
-from kpscale.models.struct_vrnn import (VRNN, StructVRNN, StructVRNNConfig, assign, best_of_many,
+from kpscale.models.struct_vrnn.model import (VRNN, StructVRNN, StructVRNNConfig, assign, best_of_many,
                                         exploration_loss, gaussian_kl, linear_ramp, separation_loss, spare_keypoints,
                                         sparsity_loss)
 

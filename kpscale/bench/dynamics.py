@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from kpscale.evaluate.tracking import distance, no_dynamics
-from kpscale.models.struct_vrnn import VRNN, sequence_l2
+from kpscale.models.struct_vrnn.model import VRNN, sequence_l2
 from kpscale.train.config import load_train_config
 
 SIZE = 64  # box side in pixels; keypoints are in [-1, 1] units, SIZE / 2 px each

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from kpscale.config import Config
-from kpscale.models.struct_vrnn import StructVRNN, StructVRNNConfig
+from kpscale.models.struct_vrnn.model import StructVRNN, StructVRNNConfig
 
 MODELS: dict[str, tuple[type[nn.Module], type[Config]]] = {
     "struct_vrnn": (StructVRNN, StructVRNNConfig),

@@ -21,7 +21,7 @@ from kpscale.train.launch import run, with_default_data
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kpscale.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="training config (YAML); default: kpscale/train/default.yaml")
+    parser.add_argument("--config", help="training config (YAML); default: kpscale/models/struct_vrnn/configs/basketball_cpu.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="e.g. data.train=PATH train.steps=200 train.workers=2 train.zero_stage=2 "
                              "model.num_keypoints=12")

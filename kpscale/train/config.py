@@ -1,5 +1,5 @@
 """The training config: model, data, train and tracking sections, validated as a whole before
-any Ray resources are requested. The default (no --config) is `kpscale/train/default.yaml`."""
+any Ray resources are requested. The default (no --config) is `kpscale/models/struct_vrnn/configs/basketball_cpu.yaml`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from kpscale.config import Config, load
 from kpscale.data.stream import DataConfig
 from kpscale.models import StructVRNNConfig
 
-DEFAULT = Path(__file__).with_name("default.yaml")
+DEFAULT = Path(__file__).parents[1] / "models" / "struct_vrnn" / "configs" / "basketball_cpu.yaml"
 
 
 class TrainSection(Config):
