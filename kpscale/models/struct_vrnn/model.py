@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from kpscale.config import Config
@@ -28,7 +28,7 @@ class StructVRNNConfig(Config):
     filters: int = Field(32, ge=1)  # encoder width at full resolution; x2 at each of two downsamplings
     layers_per_scale: int = Field(2, ge=1)
     keypoint_sigma: float = Field(1.5, gt=0)  # Gaussian std = sigma / heatmap_size in [-1, 1] units
-    latent_size: int = Field(16, ge=1)
+    latent_size: int = Field(16, ge=0)  # 0: deterministic dynamics, the paper's Struct-RNN baseline
     rnn_size: int = Field(512, ge=1)
     hidden_size: int = Field(128, ge=1)
     num_samples: int = Field(10, ge=1)  # best of many; 1 is the "no BoM" ablation
@@ -37,12 +37,20 @@ class StructVRNNConfig(Config):
     # Scheduled sampling: the chance that the RNN is fed the detected rather than its own
     # keypoints falls linearly from 1 to these values over `scheduled_sampling_steps`.
     scheduled_sampling_steps: int = Field(8000, ge=0)
-    p_true_end_observed: float = Field(0.1, ge=0, le=1)
+    p_true_end_observed: float = Field(0.1, ge=0, le=1)  # only with observed_input "decoded"
     p_true_end_predicted: float = Field(0.5, ge=0, le=1)
+    # What the RNN reads on observed steps. "decoded" (the paper's Eq. 4 and the official code):
+    # the keypoints decoded from z, so observations reach the state only through the posterior
+    # (with scheduled sampling of the detected ones in training). "detected" (kpscale's own, the
+    # standard VRNN of Chung et al. 2015): the detected keypoints, in training and at test.
+    observed_input: Literal["decoded", "detected"] = "decoded"
+    # "absolute" (paper): the decoder gives keypoints; "delta" (kpscale's own): it gives their
+    # change from the keypoints the RNN last read, which a constant motion keeps constant.
+    keypoint_output: Literal["absolute", "delta"] = "absolute"
     # The official default beta = 0 leaves the prior net untrained (the KL is its only gradient);
     # the paper tunes beta per dataset. Against the 0.5 * L2 keypoint term (a Gaussian of std 1,
-    # half the image), 1 collapses the posterior onto the prior, so observed steps do not reach
-    # the model when futures are sampled (docs/benchmarks.md, "The dynamics"; issue 16 open).
+    # half the image), 1 collapses the posterior onto the prior (KL 0), and with observed_input
+    # "decoded" the observed steps then never reach the model (docs/benchmarks.md, "The dynamics").
     beta: float = Field(1.0, ge=0)
     kl_anneal_steps: int = Field(1000, ge=0)  # beta ramps linearly from 0 (official)
     reconstruction_weight: float = Field(1.0, ge=0)
@@ -55,6 +63,13 @@ class StructVRNNConfig(Config):
     # unclaimed moving object the decoder explains badly (exploration_loss).
     exploration_weight: float = Field(0.0, ge=0)
     exploration_presence: float = Field(0.1, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _samples_need_a_latent(self) -> StructVRNNConfig:
+        if self.latent_size == 0 and self.num_samples > 1:
+            raise ValueError(f"num_samples ({self.num_samples}) must be 1 when latent_size is 0: "
+                             "deterministic dynamics draw the same sample every time")
+        return self
 
     @property
     def heatmap_size(self) -> int:
@@ -220,15 +235,18 @@ class GaussianHead(nn.Module):
 
 class VRNN(nn.Module):
     """Keypoint dynamics: a GRU whose state h gives a prior over the latent z; on observed steps
-    a posterior also sees the detected keypoints. Keypoints are decoded from (h, z)."""
+    a posterior also sees the detected keypoints. Keypoints are decoded from (h, z). With
+    latent_size 0 there is no z: a deterministic RNN (the paper's Struct-RNN)."""
 
     def __init__(self, cfg: StructVRNNConfig):
         super().__init__()
         kp = 3 * cfg.num_keypoints
         self.observed = cfg.observed
+        self.observed_input, self.delta = cfg.observed_input, cfg.keypoint_output == "delta"
         self.rnn = nn.GRUCell(kp + cfg.latent_size, cfg.rnn_size)
-        self.prior = GaussianHead(cfg.rnn_size, cfg.hidden_size, cfg.latent_size)
-        self.posterior = GaussianHead(cfg.rnn_size + kp, cfg.hidden_size, cfg.latent_size)
+        stochastic = cfg.latent_size > 0
+        self.prior = GaussianHead(cfg.rnn_size, cfg.hidden_size, cfg.latent_size) if stochastic else None
+        self.posterior = GaussianHead(cfg.rnn_size + kp, cfg.hidden_size, cfg.latent_size) if stochastic else None
         self.decoder = nn.Sequential(nn.Linear(cfg.rnn_size + cfg.latent_size, cfg.hidden_size), nn.ReLU(),
                                      nn.Linear(cfg.hidden_size, kp), nn.Tanh())
 
@@ -242,12 +260,14 @@ class VRNN(nn.Module):
         observed = self.observed if observed is None else observed
         x = keypoints.flatten(2).to(self.rnn.weight_ih.dtype)  # bf16 when the weights are (DeepSpeed bf16)
         h = x.new_zeros(b, self.rnn.hidden_size)
+        last = x.new_zeros(b, x.shape[-1])  # the keypoints the RNN read last
         rows = torch.arange(b, device=x.device)
         outputs, kls = [], []
+        empty = (h[:, :0], h[:, :0])  # the latent of deterministic dynamics: no dimensions, KL 0
         for t in range(steps):
-            prior_mean, prior_std = self.prior(h)
+            prior_mean, prior_std = self.prior(h) if self.prior else empty
             if t < observed:
-                mean, std = self.posterior(torch.cat([h, x[:, t]], -1))
+                mean, std = self.posterior(torch.cat([h, x[:, t]], -1)) if self.posterior else empty
                 kls.append(gaussian_kl(mean, std, prior_mean, prior_std))
             else:
                 # As official: with no KL here, the keypoint error must not train the prior.
@@ -255,13 +275,20 @@ class VRNN(nn.Module):
             noise = torch.randn(num_samples, *mean.shape, device=mean.device, dtype=mean.dtype)
             z = mean + std * noise  # [N, B, L]: the samples ride in the batch, no loop
             samples = self.decoder(torch.cat([h.expand(num_samples, -1, -1), z], -1))  # [N, B, 3K]
+            if self.delta:
+                samples = samples + last
             pick = best_of_many(samples.float(), x[:, t].float()) if num_samples > 1 and t < known else 0
             z, pred = z[pick, rows], samples[pick, rows]
             outputs.append(pred)
-            p = 0.0 if t >= known else p_true[0] if t < observed else p_true[1]
-            # One coin per sequence (official: one per batch), for less gradient noise.
-            rnn_kp = torch.where(torch.rand(b, 1, device=x.device) < p, x[:, t], pred) if p > 0 else pred
-            h = self.rnn(torch.cat([rnn_kp, z], -1), h)
+            if t >= known:
+                last = pred
+            elif t < observed and self.observed_input == "detected":
+                last = x[:, t]
+            else:
+                p = p_true[0] if t < observed else p_true[1]
+                # One coin per sequence (official: one per batch), for less gradient noise.
+                last = torch.where(torch.rand(b, 1, device=x.device) < p, x[:, t], pred) if p > 0 else pred
+            h = self.rnn(torch.cat([last, z], -1), h)
         return torch.stack(outputs, 1).unflatten(2, (k, 3)).float(), torch.stack(kls, 1)
 
 
