@@ -80,6 +80,21 @@ def test_dynamics_toy_and_its_baselines():
     assert figures["hold"] == pytest.approx(speed[straight].mean().item() * 4.5, rel=1e-3)  # mean of 1..8 steps ahead
 
 
+@pytest.mark.slow
+def test_the_default_dynamics_learn_the_toy_motion(tmp_path):
+    """The default config's VRNN, fed ground-truth dots for 600 steps, predicts them far better
+    than holding still (best of 10: ~3.9 px against 8.2; the paper's dynamics at beta 0.01
+    reach 6.8, at beta 1 12.1, docs/benchmarks.md)."""
+    result = run("kpscale.bench", "--json", str(tmp_path / "b.json"), "dynamics", "--beta", "0.01",
+                 "--steps", "600", "--windows", "100", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+    figures = json.loads((tmp_path / "b.json").read_text())
+    hold, model = figures["baselines"]["hold"], figures["models"]["beta=0.01"]
+    assert model["best_predicted"] < 0.6 * hold, (model, hold)
+    assert model["forced_predicted"] < 0.4 * hold, (model, hold)  # one step ahead from the true keypoints
+
+
 def test_dynamics_benchmark_trains_each_beta_on_the_same_windows(tmp_path):
     result = run("kpscale.bench", "--json", str(tmp_path / "b.json"), "dynamics", "--beta", "1", "0", "--steps", "20",
                  "--windows", "16", "--samples", "3", timeout=300)

@@ -9,8 +9,8 @@ from kpscale.models import MODELS, build_model
 from kpscale.models.keypoints import (ImageDecoder, KeypointDetector, add_coord_channels,
                                       heatmaps_to_keypoints, keypoints_to_maps)
 from kpscale.models.struct_vrnn.model import (VRNN, StructVRNN, StructVRNNConfig, assign, best_of_many,
-                                        exploration_loss, gaussian_kl, linear_ramp, separation_loss, spare_keypoints,
-                                        sparsity_loss)
+                                              exploration_loss, gaussian_kl, linear_ramp, separation_loss,
+                                              spare_keypoints, sparsity_loss)
 
 TINY = dict(filters=8, num_keypoints=4, rnn_size=32, hidden_size=32, num_samples=5, observed=4, predicted=4)
 
@@ -200,6 +200,51 @@ def test_predictions_do_not_peek_at_future_keypoints():
     assert not torch.allclose(run(kp, 10)[:, cfg.observed:], run(changed, 10)[:, cfg.observed:])
 
 
+def test_observed_input_detected_feeds_the_detected_keypoints_at_test_too():
+    """"detected": the RNN reads the detected keypoints on observed steps with or without
+    teacher forcing; "decoded" (the paper): without it, it reads its own decoded keypoints."""
+    kp = torch.rand(2, 8, 4, 3) * 2 - 1
+
+    def run(observed_input: str, p_true: tuple[float, float]) -> torch.Tensor:
+        torch.manual_seed(0)
+        dynamics = VRNN(tiny(observed_input=observed_input)).eval()
+        torch.manual_seed(1)
+        return dynamics(kp, 8, p_true=p_true)[0]
+
+    torch.testing.assert_close(run("detected", (0.0, 0.0)), run("detected", (1.0, 0.0)))
+    assert not torch.allclose(run("decoded", (0.0, 0.0)), run("decoded", (1.0, 0.0)))
+
+
+def test_delta_output_adds_the_change_to_the_keypoints_last_read():
+    """With a decoder that outputs no change, "delta" repeats the keypoints the RNN last read:
+    the detected ones on observed steps (0 before the first), then the last observed, held."""
+    cfg = tiny(observed_input="detected", keypoint_output="delta")
+    dynamics = VRNN(cfg)
+    nn = torch.nn
+    nn.init.zeros_(dynamics.decoder[-2].weight), nn.init.zeros_(dynamics.decoder[-2].bias)
+    kp = torch.rand(2, cfg.steps, cfg.num_keypoints, 3)
+    predicted = dynamics(kp, cfg.steps, num_samples=3)[0]
+    assert (predicted[:, 0] == 0).all()
+    torch.testing.assert_close(predicted[:, 1:cfg.observed + 1], kp[:, :cfg.observed])
+    torch.testing.assert_close(predicted[:, cfg.observed:], kp[:, cfg.observed - 1:cfg.observed].expand_as(predicted[:, cfg.observed:]))
+
+
+def test_latent_size_0_is_the_deterministic_struct_rnn():
+    cfg = tiny(latent_size=0, num_samples=1)
+    dynamics = VRNN(cfg)
+    assert dynamics.prior is None and dynamics.posterior is None
+    kp = torch.rand(2, cfg.steps, cfg.num_keypoints, 3)
+    torch.manual_seed(0)
+    first, kl = dynamics(kp, cfg.steps, p_true=(0.5, 0.5))
+    torch.manual_seed(1)
+    second = dynamics(kp, cfg.steps, p_true=(0.0, 0.0))[0]
+    assert (kl == 0).all() and kl.shape == (2, cfg.observed)
+    torch.testing.assert_close(dynamics.eval()(kp, cfg.steps)[0], second)  # no noise anywhere
+    assert not torch.allclose(first, second)  # teacher forcing still feeds the detected keypoints
+    with pytest.raises(ConfigError, match="num_samples"):
+        validate(StructVRNNConfig, {"latent_size": 0})
+
+
 def test_gradients_reach_every_parameter_and_dynamics_stay_out_of_the_image_model():
     torch.manual_seed(0)
     cfg = tiny()
@@ -293,3 +338,36 @@ def test_training_reduces_the_reconstruction_loss():
         opt.step()
         losses.append(out["terms"]["reconstruction"].item())
     assert losses[-1] < losses[0] / 10 and losses[-1] < 0.8 * copy_first
+
+
+# The official code's settings (../shared/reference/official-implementations.md, "Struct-VRNN")
+# with the paper's K per dataset; what a paper config must reproduce.
+OFFICIAL = {
+    "model.image_size": 64, "model.filters": 32, "model.layers_per_scale": 2, "model.keypoint_sigma": 1.5,
+    "model.rnn_size": 512, "model.hidden_size": 128, "model.latent_size": 16, "model.num_samples": 10,
+    "model.observed": 8, "model.predicted": 8, "model.scheduled_sampling_steps": 8000,
+    "model.p_true_end_observed": 0.1, "model.p_true_end_predicted": 0.5, "model.beta": 0.0,
+    "model.kl_anneal_steps": 1000, "model.separation_weight": 10.0, "model.separation_sigma": 0.1,
+    "model.sparsity_weight": 5.0, "model.reconstruction_weight": 1.0, "model.future_weight": 1.0,
+    "model.observed_input": "decoded", "model.keypoint_output": "absolute", "model.exploration_weight": 0.0,
+    "data.batch_size": 32, "train.lr": 1e-3, "train.lr_schedule": "constant", "train.grad_clip": 10.0,
+    "train.weight_decay": 1e-4, "train.steps": 10_000,
+}
+
+
+@pytest.mark.parametrize("name, keypoints", [("paper_basketball", 12), ("paper_human36m", 48)])
+def test_paper_configs_hold_the_official_settings(name, keypoints):
+    from kpscale.train.config import DEFAULT, load_train_config
+    path = DEFAULT.with_name(f"{name}.yaml")
+    flat = load_train_config(path, ["data.train=null", "data.test=null"]).flat()
+    wrong = {key: (flat[key], value) for key, value in {**OFFICIAL, "model.num_keypoints": keypoints}.items()
+             if flat[key] != value}
+    assert not wrong, f"{path.name}: (config, official) {wrong}"
+    assert flat["model.name"] == "struct_vrnn"
+
+
+def test_the_human36m_paper_config_names_its_missing_shards(tmp_path, monkeypatch):
+    from kpscale.train.config import DEFAULT, load_train_config
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="data/human36m/train"):
+        load_train_config(DEFAULT.with_name("paper_human36m.yaml"), [])

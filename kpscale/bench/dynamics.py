@@ -66,8 +66,9 @@ def pixels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def measure(model: VRNN, test: torch.Tensor, observed: int, samples: int) -> dict:
-    """Free-running (posterior on observed steps, prior after, no teacher forcing: as
-    `sample_future`) and teacher-forced (fed the true keypoints on every step) errors."""
+    """Free-running (as `sample_future`: no teacher forcing beyond what observed_input feeds,
+    the posterior on observed steps, the prior after) and teacher-forced (fed the true
+    keypoints on every step) errors."""
     model.eval()
     n, steps = test.shape[:2]
     free, kl = model(test.repeat_interleave(samples, 0), steps, observed=observed)
