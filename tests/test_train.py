@@ -201,7 +201,8 @@ def test_two_workers_zero2_checkpoint_then_resume(basketball, tmp_path):
     for metric in ("train/reconstruction", "train/separation", "train/sparsity", "train/kl", "train/future",
                    "train/exploration", "train/clips_per_s", "train/data_wait_fraction", "train/skipped_clips"):
         assert len(client.get_metric_history(run.info.run_id, metric)) == 3, metric
-    for metric in ("tracking_error_observed", "tracking_error_predicted", "tracking_error_null", "objects_found",
+    for metric in ("tracking_error_observed", "tracking_error_predicted", "tracking_error_no_dynamics",
+                   "tracking_error_null", "objects_found",
                    *(f"keypoint_distance/object_{n}" for n in range(6))):
         assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [4, 6], metric
     assert 0 <= run.data.metrics["objects_found"] <= 6
@@ -241,3 +242,25 @@ def test_run_survives_a_killed_worker(basketball, tmp_path):
     run = _run(client, tmp_path)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert steps[-1] == 40 and run.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_struct_rnn_baseline_trains_and_evaluates_through_the_same_commands(basketball, tmp_path):
+    """The paper's Struct-RNN (deterministic dynamics) is a config of the same model: it trains
+    with kpscale.train and is scored by kpscale.evaluate, whose samples all coincide."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = train(f"data.train={basketball / 'train'}", f"data.test={basketball / 'test'}",
+                   "model.latent_size=0", "model.num_samples=1", "train.steps=4", "train.eval_every=4",
+                   "train.eval_clips=8", f"train.storage={tmp_path / 'runs'}", f"tracking.uri={uri}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow.MlflowClient(uri)
+    run = _run(client, tmp_path)
+    assert run.data.params["model.latent_size"] == "0" and "tracking_error_no_dynamics" in run.data.metrics
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "kpscale.evaluate", "--run", run.info.run_id, "--data", str(basketball / "test"),
+         "--samples", "3", "--clips", "6", "--fit-clips", "16", "--tracking-uri", uri],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    child = client.get_run(evaluated.stdout.strip().rsplit(" ", 1)[-1]).data.metrics
+    assert child["psnr_closest"] == pytest.approx(child["psnr_furthest"], rel=1e-6)  # one future, drawn 3 times
+    assert child["tracking_error_predicted"] > 0 and child["tracking_error_no_dynamics"] > 0

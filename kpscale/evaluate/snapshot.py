@@ -46,7 +46,8 @@ def fit_regression(model, spec: str, cfg: TrainConfig, limit: int, device: torch
 @torch.no_grad()
 def evaluate(model, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
              fit_clips: int = 256, test_clips: int = 128) -> tuple[dict[str, float], object]:
-    """Metrics {tracking_error_observed, tracking_error_predicted, tracking_error_null} in pixels,
+    """Metrics {tracking_error_observed, tracking_error_predicted, tracking_error_no_dynamics,
+    tracking_error_null} in pixels,
     objects_found and keypoint_distance/object_<n> (tracking.objects_found), and the video
     panel of the first held-out clip. Runs on every rank (ZeRO-3 needs all of
     them for a forward pass); only rank 0 logs."""
@@ -55,7 +56,7 @@ def evaluate(model, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
     obs, mcfg = cfg.model.observed, cfg.model
     weights, fit_positions = fit_regression(model, cfg.data.train, cfg, fit_clips, device, dtype)
 
-    observed, predicted, positions, nearest, video = [], [], [], [], None
+    observed, predicted, held, positions, nearest, video = [], [], [], [], [], None
     for batch in _clips(cfg.data.test or cfg.data.train, cfg, test_clips):
         clip, coords = batch["video"].to(device, dtype), batch["coords"].to(device)
         keypoints = model.detector(clip - 0.5)[0].float()
@@ -64,6 +65,8 @@ def evaluate(model, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
                                                           mcfg.image_size))
         sampled, _ = model.sample_future(clip, mcfg.predicted, mcfg.num_samples)
         predicted.append(tracking.best_of_samples(weights, sampled[:, :, obs:].float(), coords[:, obs:]).mean(1))
+        held.append(tracking.per_step_errors(weights, tracking.no_dynamics(keypoints[:, :obs], mcfg.predicted),
+                                             coords[:, obs:]).mean(1))
         positions.append(coords)
         if video is None:
             out = model(clip[:1], step=0)
@@ -72,6 +75,7 @@ def evaluate(model, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
     metrics = {
         "tracking_error_observed": torch.cat(observed).mean().item(),
         "tracking_error_predicted": torch.cat(predicted).mean().item(),
+        "tracking_error_no_dynamics": torch.cat(held).mean().item(),
         "tracking_error_null": tracking.null_error(fit_positions.cpu(), torch.cat(positions).cpu()),
         **tracking.objects_found(torch.cat(nearest), mcfg.image_size),
     }

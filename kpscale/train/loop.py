@@ -144,9 +144,10 @@ def _evaluate(engine, cfg: TrainConfig, device: torch.device, step: int, rank: i
     if rank != 0:
         return metrics
     mlflow.log_metrics(metrics, step=step)
-    log.info("step %d: tracking error %.2f px observed, %.2f px predicted (best of %d), null model %.2f px; "
-             "a keypoint on %d of %d objects", step, metrics["tracking_error_observed"],
-             metrics["tracking_error_predicted"], cfg.model.num_samples, metrics["tracking_error_null"],
+    log.info("step %d: tracking error %.2f px observed, %.2f px predicted (best of %d), no dynamics %.2f px, "
+             "null model %.2f px; a keypoint on %d of %d objects", step, metrics["tracking_error_observed"],
+             metrics["tracking_error_predicted"], cfg.model.num_samples, metrics["tracking_error_no_dynamics"],
+             metrics["tracking_error_null"],
              metrics["objects_found"], sum(name.startswith("keypoint_distance/") for name in metrics))
     with tempfile.TemporaryDirectory() as folder:
         mlflow.log_artifact(str(save_gif(video, f"{folder}/step-{step:07d}.gif")), artifact_path="videos")
