@@ -3,6 +3,7 @@ trajectories land in an MLflow run nested under the training run; FVD and VGG co
 from weight files loaded through the same path real checkpoints take (random weights here, so
 the numbers test the plumbing, not the scores)."""
 
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from kpscale.evaluate.evaluator import PartResult
 from kpscale.evaluate.frames import VGG16
 from kpscale.evaluate.i3d import I3D
 from kpscale.evaluate.trajectories import read_trajectories
@@ -81,8 +83,9 @@ def _check_run(trained_run, result, clips=CLIPS):
                  *(f"keypoint_distance/object_{n}" for n in range(6))):
         assert name in m, name
     assert m["clips"] == clips and m["fvd"] >= 0 and 0 <= m["objects_found"] <= 6
-    for name in ("psnr", "ssim", "vgg_cosine"):  # the closest sample is never further than the furthest
-        assert m[f"{name}_closest"] >= m[f"{name}_mean"] >= m[f"{name}_furthest"]
+    # One sample per clip, chosen by VGG cosine: never further than the mean, or the furthest, by it.
+    assert m["vgg_cosine_closest"] >= m["vgg_cosine_mean"] >= m["vgg_cosine_furthest"]
+    assert re.search(r"closest/furthest: a sample per clip by +vgg_cosine\n", result.stdout)
     cfg = trained_run["cfg"].model
     history = client.get_metric_history(run.info.run_id, "psnr_closest_by_frame")
     assert [h.step for h in history] == list(range(cfg.observed + 1, cfg.steps + 1))
@@ -139,3 +142,18 @@ def test_evaluate_refuses_bad_input(trained_run, basketball, args, words):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     for word in words:
         assert word in result.stderr
+
+
+def test_closest_and_furthest_are_whole_samples_chosen_by_one_criterion():
+    """Per clip, one sample by its mean over the predicted steps: VGG cosine when there is VGG,
+    else PSNR; every metric is then that sample's, not the best of each step or each metric."""
+    from kpscale.evaluate.evaluator import summarise
+    part = PartResult(keys=["a"])
+    part.add("psnr", torch.tensor([[[10.0, 40.0], [20.0, 20.0]]]))  # [B=1, S=2, P=2]: sample 0 by PSNR
+    part.add("ssim", torch.tensor([[[0.5, 0.5], [0.9, 0.9]]]))
+    metrics, curves = summarise([part], observed=2, image_size=64)
+    assert curves["psnr_closest"].tolist() == [10, 40] and curves["psnr_furthest"].tolist() == [20, 20]
+    assert metrics["ssim_closest"] == pytest.approx(0.5) and metrics["ssim_furthest"] == pytest.approx(0.9)
+    part.add("vgg_cosine", torch.tensor([[[0.1, 0.1], [0.9, 0.9]]]))  # sample 1 by VGG
+    metrics, curves = summarise([part], observed=2, image_size=64)
+    assert curves["psnr_closest"].tolist() == [20, 20] and metrics["ssim_closest"] == pytest.approx(0.9)

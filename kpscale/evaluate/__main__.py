@@ -1,7 +1,8 @@
 """python -m kpscale.evaluate --run RUN_ID_OR_MODEL_FOLDER --data SHARDS [options]
 
 Samples N futures for each held-out clip and scores them: FVD (with I3D weights), PSNR and SSIM
-per predicted step (closest and furthest sample), VGG cosine similarity (with VGG weights), and
+per predicted step (of the closest and furthest sample of each clip, chosen by VGG cosine
+similarity, or PSNR without VGG weights), VGG cosine similarity (with VGG weights), and
 the keypoint tracking error on observed and predicted frames (best of N) against the null model
 and "no dynamics". Results go to MLflow as a run nested under the training run (or a new run
 when --run is a folder): metrics, per-frame curves, PNG plots, the keypoint trajectories as
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from kpscale import logs
 from kpscale.config import ConfigError, validate
 from kpscale.data.stream import DataError, resolve_shards
-from kpscale.evaluate.evaluator import EvaluateConfig, PartResult, evaluate_part, summarise
+from kpscale.evaluate.evaluator import EvaluateConfig, PartResult, evaluate_part, selection_criterion, summarise
 from kpscale.evaluate.weights import WeightsUnavailable
 
 log = logging.getLogger("kpscale.evaluate")
@@ -161,8 +162,10 @@ def _log(ecfg: EvaluateConfig, cfg, metrics: dict, curves: dict, parts: list[Par
         return run.info.run_id
 
 
-def summary_table(metrics: dict[str, float], samples: int) -> str:
+def summary_table(metrics: dict[str, float], samples: int, criterion: str | None) -> str:
     rows = [("clips evaluated", f"{metrics['clips']:.0f}")]
+    if criterion:
+        rows.append(("closest/furthest: a sample per clip by", criterion))
     labels = {"fvd": "FVD (lower is better)",
               "psnr_closest": f"PSNR dB, closest of {samples}", "psnr_furthest": "PSNR dB, furthest",
               "ssim_closest": f"SSIM, closest of {samples}", "ssim_furthest": "SSIM, furthest",
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("evaluating %s on %d clips of %s: %d sampled futures each", ecfg.run, total, ecfg.data, ecfg.samples)
     parts = _run_parts(model, cfg, ecfg, weights, positions, i3d, vgg, total)
     metrics, curves = summarise(parts, cfg.model.observed, cfg.model.image_size)
-    table = summary_table(metrics, ecfg.samples)
+    table = summary_table(metrics, ecfg.samples, selection_criterion({n: None for p in parts for n in p.arrays}))
     run_id = _log(ecfg, cfg, metrics, curves, parts, notes, table)
     print(f"\n{table}\n" + "".join(f"\nnote: {n}" for n in notes) + f"\n\nMLflow run {run_id}")
     return 0

@@ -92,18 +92,31 @@ def evaluate_part(model, cfg: TrainConfig, ecfg: EvaluateConfig, weights: torch.
     return out
 
 
+def selection_criterion(arrays: dict) -> str | None:
+    """The frame metric that picks the closest and furthest sample of each clip."""
+    return next((name for name in ("vgg_cosine", "psnr") if name in arrays), None)
+
+
 def summarise(parts: list[PartResult], observed: int, image_size: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Scalar metrics for MLflow and the summary table, and per-step curves for the plots.
 
     Frame metrics are reported for the closest sample (the paper's headline view) and the
-    furthest, chosen per step; PSNR/SSIM/VGG cosine are all "higher is better"."""
+    furthest, each chosen once per clip by one criterion, its mean over the predicted steps
+    (`selection_criterion`): VGG cosine similarity when there is VGG, as the paper does, else
+    PSNR. Choosing per step or per metric would stitch sequences that no sample produced.
+    PSNR/SSIM/VGG cosine are all "higher is better"."""
     arrays = {name: np.concatenate([a for p in parts for a in p.arrays.get(name, [])])
               for name in {n for p in parts for n in p.arrays}}
     metrics: dict[str, float] = {"clips": float(sum(len(p.keys) for p in parts))}
     curves: dict[str, np.ndarray] = {}
+    criterion = selection_criterion(arrays)
+    if criterion:
+        score = arrays[criterion].mean(2)  # [B, S]
+        rows = np.arange(len(score))
+        best, worst = score.argmax(1), score.argmin(1)
     for name in ("psnr", "ssim", "vgg_cosine"):
         if name in arrays:
-            closest, furthest = arrays[name].max(1).mean(0), arrays[name].min(1).mean(0)  # [P]
+            closest, furthest = arrays[name][rows, best].mean(0), arrays[name][rows, worst].mean(0)  # [P]
             curves[f"{name}_closest"], curves[f"{name}_furthest"] = closest, furthest
             metrics[f"{name}_closest"], metrics[f"{name}_furthest"] = closest.mean(), furthest.mean()
             metrics[f"{name}_mean"] = arrays[name].mean()
