@@ -157,3 +157,16 @@ def test_closest_and_furthest_are_whole_samples_chosen_by_one_criterion():
     part.add("vgg_cosine", torch.tensor([[[0.1, 0.1], [0.9, 0.9]]]))  # sample 1 by VGG
     metrics, curves = summarise([part], observed=2, image_size=64)
     assert curves["psnr_closest"].tolist() == [20, 20] and metrics["ssim_closest"] == pytest.approx(0.9)
+
+
+def test_future_predicts_beyond_the_training_horizon(trained_run, basketball):
+    """--future 12 on a model trained to predict 4: 12 predicted frames per curve; more future
+    than the clips hold (20 frames) is refused naming the numbers."""
+    result = evaluate(trained_run, basketball, "--future", "12", "--clips", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow.MlflowClient(trained_run["uri"])
+    run_id = result.stdout.strip().rsplit(" ", 1)[-1]
+    assert [h.step for h in client.get_metric_history(run_id, "psnr_closest_by_frame")] == list(range(5, 17))
+    assert [h.step for h in client.get_metric_history(run_id, "tracking_predicted_by_frame")] == list(range(5, 17))
+    too_long = evaluate(trained_run, basketball, "--future", "30", "--clips", "4")
+    assert too_long.returncode == 2 and "--future 30" in too_long.stderr and "20 frames" in too_long.stderr

@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="held-out shards (folder, glob, manifest or URL)")
     parser.add_argument("--fit-data", help="training shards for the tracking regression (default: the run's data.train)")
     parser.add_argument("--samples", type=int, help=f"sampled futures per clip (default {DEFAULTS['samples'].default})")
+    parser.add_argument("--future", type=int, help="predicted steps, beyond training's if larger; the clips "
+                        "need observed + future frames (default: the model's model.predicted)")
     parser.add_argument("--clips", type=int, help="evaluate at most this many held-out clips (default: all)")
     parser.add_argument("--fit-clips", type=int, help=f"training clips to fit the regression (default {DEFAULTS['fit_clips'].default})")
     parser.add_argument("--batch-size", type=int, help=f"clips per forward pass (default {DEFAULTS['batch_size'].default})")
@@ -180,6 +182,17 @@ def summary_table(metrics: dict[str, float], samples: int, criterion: str | None
     return "\n".join(f"{name:<{width}}  {value:>10}" for name, value in rows)
 
 
+def _check_length(ecfg: EvaluateConfig, cfg) -> None:
+    """Refuse a window longer than the first held-out clip, rather than skip every clip."""
+    from kpscale.evaluate.snapshot import fixed_batches
+    needed = cfg.model.observed + (ecfg.future or cfg.model.predicted)
+    frames = next(fixed_batches(ecfg.data, cfg.data.model_copy(update={"batch_size": 1}), None, 1))["video"].shape[1]
+    if frames < needed:
+        flag = f"--future {ecfg.future}" if ecfg.future else f"model.predicted {cfg.model.predicted}"
+        raise ConfigError(f"{flag}: the clips of {ecfg.data} have {frames} frames, {cfg.model.observed} observed "
+                          f"+ {needed - cfg.model.observed} predicted need {needed}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.setup()
@@ -193,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         ecfg = validate(EvaluateConfig, given | {"per_object": not args.per_clip}, "command line")
         total = sum(r.count for r in resolve_shards(ecfg.data))
         model, cfg = load_trained(ecfg.run, ecfg.tracking_uri)
+        _check_length(ecfg, cfg)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ class EvaluateConfig(Config):
     data: str  # held-out shards: folder, glob, manifest or URL
     fit_data: str | None = None  # training shards for the tracking regression; None: the run's data.train
     samples: int = Field(10, ge=1)  # sampled futures per clip (the paper: 50 for tracking)
+    future: int | None = Field(None, ge=1)  # predicted steps; None: the model's model.predicted
     clips: int | None = Field(None, ge=1)  # held-out clips to evaluate; None: all
     fit_clips: int = Field(256, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -56,10 +57,10 @@ def evaluate_part(model, cfg: TrainConfig, ecfg: EvaluateConfig, weights: torch.
     feature extractor) and `vgg` may be None."""
     torch.manual_seed(ecfg.seed + rank)
     device = next(model.parameters()).device
-    obs, pred, size = cfg.model.observed, cfg.model.predicted, cfg.model.image_size
+    obs, pred, size = cfg.model.observed, ecfg.future or cfg.model.predicted, cfg.model.image_size
     data = cfg.data.model_copy(update={"batch_size": ecfg.batch_size})
     out = PartResult()
-    for batch in fixed_batches(ecfg.data, data, cfg.window, limit, rank, world):
+    for batch in fixed_batches(ecfg.data, data, obs + pred, limit, rank, world):
         video = batch["video"].to(device)
         detected = model.detector(video - 0.5)[0]  # [B, T, K, 3]: every frame, for tracking and export
         keypoints, generated = model.sample_future(video, pred, ecfg.samples)  # [B, S, T, ...]
