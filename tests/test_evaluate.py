@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -170,3 +171,55 @@ def test_future_predicts_beyond_the_training_horizon(trained_run, basketball):
     assert [h.step for h in client.get_metric_history(run_id, "tracking_predicted_by_frame")] == list(range(5, 17))
     too_long = evaluate(trained_run, basketball, "--future", "30", "--clips", "4")
     assert too_long.returncode == 2 and "--future 30" in too_long.stderr and "20 frames" in too_long.stderr
+
+
+def _model_folder(folder, cfg, seed: int):
+    """A tiny model after a few Adam steps from `seed`, saved as a model folder."""
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    for step in range(3):
+        loss = model(torch.rand(2, cfg.window, 3, 64, 64), step, decode_predictions=False)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    folder.mkdir()
+    torch.save(model.state_dict(), folder / "weights.pt")
+    (folder / "config.yaml").write_text(cfg.to_yaml())
+    return folder
+
+
+@pytest.mark.slow
+def test_compare_pools_seeds_of_a_model_and_logs_the_runs_as_children(basketball, tmp_path):
+    data = [f"data.train={basketball / 'train'}"]
+    runs = [_model_folder(tmp_path / "a0", load_train_config(None, [*TINY_MODEL, *data, "train.seed=0"]), 0),
+            _model_folder(tmp_path / "a1", load_train_config(None, [*TINY_MODEL, *data, "train.seed=1"]), 1),
+            _model_folder(tmp_path / "rnn", load_train_config(None, [*TINY_MODEL, *data, "model.latent_size=0",
+                                                                      "model.num_samples=1"]), 0)]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = subprocess.run(
+        [sys.executable, "-m", "kpscale.compare", *map(str, runs), "--data", str(basketball / "test"),
+         "--samples", "2", "--clips", "4", "--fit-clips", "16", "--tracking-uri", uri],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    vrnn, rnn = "latent_size=16 num_samples=2", "latent_size=0 num_samples=1"
+
+    def slug(label: str) -> str:  # MLflow metric names allow no "="
+        return label.replace("=", "-")
+    assert f"{vrnn} (2 runs)" in result.stdout and f"{rnn} (1 runs)" in result.stdout
+    assert "tracking error px, predicted (best of the samples), per frame" in result.stdout
+
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(result.stdout.strip().rsplit(" ", 1)[-1])
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_model = {c.data.tags["model"]: c.data.metrics for c in children}
+    assert set(by_model) == set(map(str, runs))
+    for name in ("tracking_error_predicted", "psnr_closest"):
+        pooled = np.array([by_model[str(runs[0])][name], by_model[str(runs[1])][name]])
+        mean, ci95 = parent.data.metrics[f"{slug(vrnn)}/{name}_mean"], parent.data.metrics[f"{slug(vrnn)}/{name}_ci95"]
+        assert mean == pytest.approx(pooled.mean(), rel=1e-6)
+        assert ci95 == pytest.approx(12.706 * pooled.std(ddof=1) / np.sqrt(2), rel=1e-6)  # t(0.975, 1 dof)
+        assert parent.data.metrics[f"{slug(rnn)}/{name}_mean"] == pytest.approx(by_model[str(runs[2])][name], rel=1e-6)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
+    assert {"comparison/comparison.txt", "comparison/tracking_predicted.png", "comparison/psnr_closest.png"} <= artifacts

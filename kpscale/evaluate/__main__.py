@@ -17,8 +17,10 @@ import logging
 import math
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -120,9 +122,11 @@ def _run_parts(model, cfg, ecfg: EvaluateConfig, weights, positions, i3d, vgg, t
     return results
 
 
-def _log(ecfg: EvaluateConfig, cfg, metrics: dict, curves: dict, parts: list[PartResult], notes: list[str],
-         table: str) -> str:
-    """Everything to MLflow: a run nested under the training run when --run is a run id."""
+def log_evaluation(ecfg: EvaluateConfig, result: Evaluation, parent_run_id: str | None = None) -> str:
+    """Everything to MLflow: a run nested under `parent_run_id`, else under the training run when
+    --run is a run id."""
+    cfg, metrics, curves, parts, notes, table = (result.cfg, result.metrics, result.curves, result.parts,
+                                                 result.notes, result.table)
     import mlflow
 
     from kpscale.evaluate.plots import diversity_plot, tracking_plot
@@ -130,11 +134,13 @@ def _log(ecfg: EvaluateConfig, cfg, metrics: dict, curves: dict, parts: list[Par
     from kpscale.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(ecfg.tracking_uri))
-    parent = None if Path(ecfg.run).is_dir() else mlflow.get_run(ecfg.run)
+    if parent_run_id is None and not Path(ecfg.run).is_dir():
+        parent_run_id = ecfg.run
+    parent = mlflow.get_run(parent_run_id) if parent_run_id else None
     experiment = parent.info.experiment_id if parent else mlflow.set_experiment(cfg.tracking.experiment).experiment_id
     with mlflow.start_run(experiment_id=experiment, run_name="evaluate",
                           parent_run_id=parent.info.run_id if parent else None,
-                          tags={"kind": "evaluation", "model": ecfg.run}) as run:
+                          tags={"kind": "evaluation", "model": ecfg.run}, nested=True) as run:
         mlflow.log_params({k: v for k, v in ecfg.flat().items() if v is not None})
         mlflow.log_metrics(metrics)
         obs = cfg.model.observed
@@ -193,37 +199,66 @@ def _check_length(ecfg: EvaluateConfig, cfg) -> None:
                           f"+ {needed - cfg.model.observed} predicted need {needed}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logs.setup()
+@dataclass
+class Evaluation:
+    """One model's evaluation: its training config, the merged metrics and curves, the parts
+    (for the trajectories) and notes on what was unavailable."""
+    cfg: object
+    metrics: dict[str, float]
+    curves: dict[str, np.ndarray]
+    parts: list[PartResult]
+    notes: list[str]
+    table: str
+
+
+def prepare(ecfg: EvaluateConfig):
+    """The model and its training config, or ConfigError/DataError before any work is done."""
+    from kpscale.predict import load_trained
+
+    resolve_shards(ecfg.data)
+    model, cfg = load_trained(ecfg.run, ecfg.tracking_uri)
+    _check_length(ecfg, cfg)
+    return model, cfg
+
+
+def metric_networks(ecfg: EvaluateConfig) -> tuple[object, object, list[str]]:
+    """I3D for FVD and VGG for cosine similarity, each None (with a note why) without weights."""
     from kpscale.evaluate.fvd import FVD
     from kpscale.evaluate.frames import load_vgg
     from kpscale.evaluate.i3d import load_i3d
-    from kpscale.predict import load_trained
 
-    try:
-        given = {k: v for k, v in vars(args).items() if v is not None and k != "per_clip"}
-        ecfg = validate(EvaluateConfig, given | {"per_object": not args.per_clip}, "command line")
-        total = sum(r.count for r in resolve_shards(ecfg.data))
-        model, cfg = load_trained(ecfg.run, ecfg.tracking_uri)
-        _check_length(ecfg, cfg)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    notes = []
-    i3d, note = _optional(lambda p: FVD(load_i3d(p), "cpu"), ecfg.i3d)
-    notes += [note] if note else []
-    vgg, note = _optional(load_vgg, ecfg.vgg)
-    notes += [note] if note else []
+    i3d, i3d_note = _optional(lambda p: FVD(load_i3d(p), "cpu"), ecfg.i3d)
+    vgg, vgg_note = _optional(load_vgg, ecfg.vgg)
+    return i3d, vgg, [n for n in (i3d_note, vgg_note) if n]
+
+
+def evaluate_model(model, cfg, ecfg: EvaluateConfig, i3d, vgg, notes: list[str]) -> Evaluation:
+    notes = list(notes)
     weights, positions, note = _fit(model, cfg, ecfg)
     notes += [note] if note else []
+    total = sum(r.count for r in resolve_shards(ecfg.data))
     total = min(total, ecfg.clips or total)
     log.info("evaluating %s on %d clips of %s: %d sampled futures each", ecfg.run, total, ecfg.data, ecfg.samples)
     parts = _run_parts(model, cfg, ecfg, weights, positions, i3d, vgg, total)
     metrics, curves = summarise(parts, cfg.model.observed, cfg.model.image_size)
     table = summary_table(metrics, ecfg.samples, selection_criterion({n: None for p in parts for n in p.arrays}))
-    run_id = _log(ecfg, cfg, metrics, curves, parts, notes, table)
-    print(f"\n{table}\n" + "".join(f"\nnote: {n}" for n in notes) + f"\n\nMLflow run {run_id}")
+    return Evaluation(cfg, metrics, curves, parts, notes, table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logs.setup()
+    try:
+        given = {k: v for k, v in vars(args).items() if v is not None and k != "per_clip"}
+        ecfg = validate(EvaluateConfig, given | {"per_object": not args.per_clip}, "command line")
+        model, cfg = prepare(ecfg)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    i3d, vgg, notes = metric_networks(ecfg)
+    result = evaluate_model(model, cfg, ecfg, i3d, vgg, notes)
+    run_id = log_evaluation(ecfg, result)
+    print(f"\n{result.table}\n" + "".join(f"\nnote: {n}" for n in result.notes) + f"\n\nMLflow run {run_id}")
     return 0
 
 

@@ -47,3 +47,24 @@ def tracking_plot(curves: dict[str, np.ndarray], observed: int, path: str | Path
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def comparison_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], lines: dict[str, tuple[np.ndarray, np.ndarray]],
+                    first_frame: int, observed: int, title: str, path: str | Path) -> Path:
+    """Models' curves {label: (mean [T], 95% half-width [T])} as lines with bands, reference
+    lines (same form) dashed; NaN where a curve has no value."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.0))
+    if first_frame == 1:
+        _mark_observed(ax, observed)
+    for style, group in (("o-", curves), ("--", lines)):
+        for label, (mean, half) in group.items():
+            steps = np.arange(first_frame, first_frame + len(mean))
+            (line,) = ax.plot(steps, mean, style, ms=3, label=label)
+            ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.15)
+    ax.set(xlabel="frame", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
