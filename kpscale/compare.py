@@ -40,7 +40,6 @@ T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 HEADLINE = ["tracking_error_predicted", "tracking_error_no_dynamics", "tracking_error_observed",
             "tracking_error_null", "objects_found", "psnr_closest", "psnr_furthest", "ssim_closest", "ssim_furthest",
             "vgg_cosine_closest", "vgg_cosine_furthest", "fvd"]
-FVD_MIN_CLIPS = 400  # below this FVD's covariance estimate is poor (I3D features have 400 dimensions)
 
 
 def interval(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -164,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("run %d of %d: %s (%s)", i, len(loaded), run, labels[run])
         results[run] = evaluate_model(model, cfg, ecfgs[run], i3d, vgg, notes)
     models = aggregate(results, group(results, labels))
-    clips = min(r.metrics["clips"] for r in results.values())
-    if "fvd" in next(iter(results.values())).metrics and clips < FVD_MIN_CLIPS:
-        notes.append(f"FVD from {clips:.0f} clips: below {FVD_MIN_CLIPS} its covariance estimate is unreliable")
+    notes = [n for r in results.values() for n in r.notes]
     observed = next(iter(results.values())).cfg.model.observed
     report = _report(models, observed)
     run_id = _log(ecfgs, results, labels, models, report, notes)

@@ -15,6 +15,7 @@ from torch import nn
 
 from kpscale.evaluate.evaluator import PartResult
 from kpscale.evaluate.frames import VGG16
+from kpscale.evaluate.fvd import fvd
 from kpscale.evaluate.i3d import I3D
 from kpscale.evaluate.trajectories import read_trajectories
 from kpscale.models import build_model
@@ -87,6 +88,7 @@ def _check_run(trained_run, result, clips=CLIPS):
     # One sample per clip, chosen by VGG cosine: never further than the mean, or the furthest, by it.
     assert m["vgg_cosine_closest"] >= m["vgg_cosine_mean"] >= m["vgg_cosine_furthest"]
     assert re.search(r"closest/furthest: a sample per clip by +vgg_cosine\n", result.stdout)
+    assert f"note: FVD from {clips} clips: below 400" in result.stdout
     cfg = trained_run["cfg"].model
     history = client.get_metric_history(run.info.run_id, "psnr_closest_by_frame")
     assert [h.step for h in history] == list(range(cfg.observed + 1, cfg.steps + 1))
@@ -156,8 +158,12 @@ def test_closest_and_furthest_are_whole_samples_chosen_by_one_criterion():
     assert curves["psnr_closest"].tolist() == [10, 40] and curves["psnr_furthest"].tolist() == [20, 20]
     assert metrics["ssim_closest"] == pytest.approx(0.5) and metrics["ssim_furthest"] == pytest.approx(0.9)
     part.add("vgg_cosine", torch.tensor([[[0.1, 0.1], [0.9, 0.9]]]))  # sample 1 by VGG
+    real, fake = torch.randn(4, 3), torch.randn(4, 2, 3)  # FVD: every sample of every clip is a generated video
+    part.add("i3d_real", real)
+    part.add("i3d_fake", fake)
     metrics, curves = summarise([part], observed=2, image_size=64)
     assert curves["psnr_closest"].tolist() == [20, 20] and metrics["ssim_closest"] == pytest.approx(0.9)
+    assert metrics["fvd"] == pytest.approx(fvd(real, fake.flatten(0, 1)))
 
 
 def test_future_predicts_beyond_the_training_horizon(trained_run, basketball):

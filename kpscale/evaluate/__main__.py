@@ -33,6 +33,7 @@ from kpscale.evaluate.weights import WeightsUnavailable
 log = logging.getLogger("kpscale.evaluate")
 
 
+FVD_MIN_CLIPS = 400  # I3D logits have 400 dimensions: fewer real clips leave their covariance singular
 DEFAULTS = EvaluateConfig.model_fields  # one place for defaults: unset flags leave them to the config
 
 
@@ -241,6 +242,9 @@ def evaluate_model(model, cfg, ecfg: EvaluateConfig, i3d, vgg, notes: list[str])
     log.info("evaluating %s on %d clips of %s: %d sampled futures each", ecfg.run, total, ecfg.data, ecfg.samples)
     parts = _run_parts(model, cfg, ecfg, weights, positions, i3d, vgg, total)
     metrics, curves = summarise(parts, cfg.model.observed, cfg.model.image_size)
+    if "fvd" in metrics and metrics["clips"] < FVD_MIN_CLIPS:
+        notes.append(f"FVD from {metrics['clips']:.0f} clips: below {FVD_MIN_CLIPS} the covariance of its "
+                     f"{FVD_MIN_CLIPS}-dimensional I3D features is poorly estimated; compare FVDs of equal clip counts")
     table = summary_table(metrics, ecfg.samples, selection_criterion({n: None for p in parts for n in p.arrays}))
     return Evaluation(cfg, metrics, curves, parts, notes, table)
 

@@ -71,9 +71,10 @@ def evaluate_part(model, cfg: TrainConfig, ecfg: EvaluateConfig, weights: torch.
         out.add("ssim", frames.ssim_per_step(futures, truth).unflatten(0, (b, s)))
         if vgg is not None:
             out.add("vgg_cosine", frames.vgg_cosine_per_step(vgg, futures, truth).unflatten(0, (b, s)))
-        if i3d is not None:  # real: the clip; generated: its observed frames, then the first sample's future
+        if i3d is not None:  # real: the clip; generated: its observed frames, then each sampled future
             out.add("i3d_real", i3d.features(video))
-            out.add("i3d_fake", i3d.features(torch.cat([video[:, :obs], generated[:, 0, obs:]], 1)))
+            out.add("i3d_fake", torch.stack([i3d.features(torch.cat([video[:, :obs], generated[:, n, obs:]], 1))
+                                             for n in range(s)], 1))  # [B, S, D]
         if weights is not None:
             coords = batch["coords"].to(device)
             out.add("track_observed", tracking.per_step_errors(weights, detected[:, :obs], coords[:, :obs]))
@@ -122,7 +123,7 @@ def summarise(parts: list[PartResult], observed: int, image_size: int) -> tuple[
             metrics[f"{name}_closest"], metrics[f"{name}_furthest"] = closest.mean(), furthest.mean()
             metrics[f"{name}_mean"] = arrays[name].mean()
     if "i3d_real" in arrays:
-        metrics["fvd"] = fvd(torch.from_numpy(arrays["i3d_real"]), torch.from_numpy(arrays["i3d_fake"]))
+        metrics["fvd"] = fvd(torch.from_numpy(arrays["i3d_real"]), torch.from_numpy(arrays["i3d_fake"]).flatten(0, 1))
     if "keypoint_distance" in arrays:
         metrics.update(tracking.objects_found(torch.from_numpy(arrays["keypoint_distance"]), image_size))
     if "track_observed" in arrays:
