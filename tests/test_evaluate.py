@@ -32,12 +32,9 @@ def _he_init(model: nn.Module) -> nn.Module:
     return model
 
 
-@pytest.fixture(scope="module")
-def trained_run(basketball, tmp_path_factory):
-    """A tiny Struct-VRNN after a few Adam steps, logged as a training run's `model/` artifacts."""
-    tmp = tmp_path_factory.mktemp("evaluate")
-    cfg = load_train_config(None, [*TINY_MODEL, f"data.train={basketball / 'train'}"])
-    torch.manual_seed(0)
+def _model_folder(folder, cfg, seed: int):
+    """A tiny model after a few Adam steps from `seed`, saved as a model folder."""
+    torch.manual_seed(seed)
     model = build_model(cfg.model)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     for step in range(3):
@@ -45,10 +42,18 @@ def trained_run(basketball, tmp_path_factory):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    folder = tmp / "model"
     folder.mkdir()
     torch.save(model.state_dict(), folder / "weights.pt")
     (folder / "config.yaml").write_text(cfg.to_yaml())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained_run(basketball, tmp_path_factory):
+    """A tiny Struct-VRNN after a few Adam steps, logged as a training run's `model/` artifacts."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    cfg = load_train_config(None, [*TINY_MODEL, f"data.train={basketball / 'train'}"])
+    folder = _model_folder(tmp / "model", cfg, seed=0)
     torch.save(_he_init(I3D()).state_dict(), tmp / "i3d_pretrained_400.pt")
     torch.save(_he_init(VGG16()).state_dict(), tmp / "vgg16.pth")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -177,22 +182,6 @@ def test_future_predicts_beyond_the_training_horizon(trained_run, basketball):
     assert [h.step for h in client.get_metric_history(run_id, "tracking_predicted_by_frame")] == list(range(5, 17))
     too_long = evaluate(trained_run, basketball, "--future", "30", "--clips", "4")
     assert too_long.returncode == 2 and "--future 30" in too_long.stderr and "20 frames" in too_long.stderr
-
-
-def _model_folder(folder, cfg, seed: int):
-    """A tiny model after a few Adam steps from `seed`, saved as a model folder."""
-    torch.manual_seed(seed)
-    model = build_model(cfg.model)
-    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-    for step in range(3):
-        loss = model(torch.rand(2, cfg.window, 3, 64, 64), step, decode_predictions=False)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    folder.mkdir()
-    torch.save(model.state_dict(), folder / "weights.pt")
-    (folder / "config.yaml").write_text(cfg.to_yaml())
-    return folder
 
 
 @pytest.mark.slow

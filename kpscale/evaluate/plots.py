@@ -15,6 +15,13 @@ def _mark_observed(ax, observed: int) -> None:
     ax.axvspan(0.5, observed + 0.5, color="tab:green", alpha=0.08, label="observed frames")
 
 
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def diversity_plot(metrics: dict[str, tuple[np.ndarray, np.ndarray]], first_step: int, path: str | Path) -> Path:
     """The paper's Figure 3 view: per predicted step, the sampled future closest to the truth and
     the one furthest from it, for each frame metric {name: (closest [T], furthest [T])}."""
@@ -27,10 +34,7 @@ def diversity_plot(metrics: dict[str, tuple[np.ndarray, np.ndarray]], first_step
         ax.set(xlabel="frame", title=name)
         ax.grid(alpha=0.3)
     axes[0, 0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def tracking_plot(curves: dict[str, np.ndarray], observed: int, path: str | Path) -> Path:
@@ -43,10 +47,7 @@ def tracking_plot(curves: dict[str, np.ndarray], observed: int, path: str | Path
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def comparison_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], lines: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -64,7 +65,4 @@ def comparison_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], lines: dic
     ax.set(xlabel="frame", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
