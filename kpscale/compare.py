@@ -85,7 +85,7 @@ def _cell(mean: float, half: float) -> str:
 
 def headline_table(models: dict[str, dict]) -> str:
     names = [n for n in HEADLINE if any(n in m["metrics"] for m in models.values())]
-    header = ["metric", *(f"{label} ({len(m['runs'])} runs)" for label, m in models.items())]
+    header = ["metric", *(f"{label} ({len(m['runs'])} run{'s' * (len(m['runs']) > 1)})" for label, m in models.items())]
     rows = [[n, *(_cell(*m["metrics"][n]) if n in m["metrics"] else "-" for m in models.values())] for n in names]
     return _format([header, *rows])
 

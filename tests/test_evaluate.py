@@ -201,7 +201,7 @@ def test_compare_pools_seeds_of_a_model_and_logs_the_runs_as_children(basketball
 
     def slug(label: str) -> str:  # MLflow metric names allow no "="
         return label.replace("=", "-")
-    assert f"{vrnn} (2 runs)" in result.stdout and f"{rnn} (1 runs)" in result.stdout
+    assert f"{vrnn} (2 runs)" in result.stdout and f"{rnn} (1 run)" in result.stdout
     assert "tracking error px, predicted (best of the samples), per frame" in result.stdout
 
     client = mlflow.MlflowClient(uri)
