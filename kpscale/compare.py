@@ -25,8 +25,8 @@ import numpy as np
 from kpscale import logs
 from kpscale.config import ConfigError, validate
 from kpscale.data.stream import DataError
-from kpscale.evaluate.__main__ import (DEFAULTS, Evaluation, evaluate_model, log_evaluation, metric_networks,
-                                       prepare)
+from kpscale.evaluate.__main__ import (Evaluation, add_evaluation_options, evaluate_model, held_out_clips,
+                                       log_evaluation, metric_networks, prepare)
 from kpscale.evaluate.evaluator import EvaluateConfig
 
 log = logging.getLogger("kpscale.compare")
@@ -113,21 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kpscale.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN", help="MLflow run ids of training runs, or model folders")
-    parser.add_argument("--data", required=True, help="held-out shards (folder, glob, manifest or URL)")
     parser.add_argument("--label", action="append", default=[], metavar="RUN=NAME",
                         help="name the model of RUN (runs of one name are pooled); default: from the configs")
-    parser.add_argument("--fit-data", help="training shards for the tracking regression (default: each run's data.train)")
-    parser.add_argument("--samples", type=int, help=f"sampled futures per clip (default {DEFAULTS['samples'].default})")
-    parser.add_argument("--future", type=int, help="predicted steps (default: each model's model.predicted)")
-    parser.add_argument("--clips", type=int, help="evaluate at most this many held-out clips (default: all)")
-    parser.add_argument("--fit-clips", type=int, help=f"training clips for the regression (default {DEFAULTS['fit_clips'].default})")
-    parser.add_argument("--batch-size", type=int, help=f"clips per forward pass (default {DEFAULTS['batch_size'].default})")
-    parser.add_argument("--workers", type=int, help=f"Ray tasks per evaluation (default {DEFAULTS['workers'].default})")
-    parser.add_argument("--seed", type=int, help=f"sampling seed, the same for every run (default {DEFAULTS['seed'].default})")
-    parser.add_argument("--per-clip", action="store_true", help="best sample per clip, not per object")
-    parser.add_argument("--i3d", help="i3d_pretrained_400.pt for FVD (default $KPSCALE_I3D_WEIGHTS; none: no FVD)")
-    parser.add_argument("--vgg", help="torchvision vgg16 weights for VGG cosine (default $KPSCALE_VGG_WEIGHTS)")
-    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    add_evaluation_options(parser)
     return parser
 
 
@@ -151,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         given = _labels_given(args.label, args.runs)
         ecfgs = {run: validate(EvaluateConfig, common | {"run": run, "per_object": not args.per_clip}, "command line")
                  for run in args.runs}
+        total = held_out_clips(next(iter(ecfgs.values())))  # the same clips for every run
         loaded = {run: prepare(ecfg) for run, ecfg in ecfgs.items()}  # every run loads before any is evaluated
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -161,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for i, (run, (model, cfg)) in enumerate(loaded.items(), 1):
         log.info("run %d of %d: %s (%s)", i, len(loaded), run, labels[run])
-        results[run] = evaluate_model(model, cfg, ecfgs[run], i3d, vgg, notes)
+        results[run] = evaluate_model(model, cfg, ecfgs[run], total, i3d, vgg, notes)
     models = aggregate(results, group(results, labels))
     notes = [n for r in results.values() for n in r.notes]
     observed = next(iter(results.values())).cfg.model.observed

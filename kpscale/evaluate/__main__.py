@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kpscale.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="MLflow run id of a training run, or a model folder")
+    add_evaluation_options(parser)
+    return parser
+
+
+def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
+    """The options of an evaluation (EvaluateConfig's fields but the run), shared with kpscale.compare."""
     parser.add_argument("--data", required=True, help="held-out shards (folder, glob, manifest or URL)")
     parser.add_argument("--fit-data", help="training shards for the tracking regression (default: the run's data.train)")
     parser.add_argument("--samples", type=int, help=f"sampled futures per clip (default {DEFAULTS['samples'].default})")
@@ -57,7 +63,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--i3d", help="i3d_pretrained_400.pt for FVD (default $KPSCALE_I3D_WEIGHTS; none: no FVD)")
     parser.add_argument("--vgg", help="torchvision vgg16 weights for VGG cosine (default $KPSCALE_VGG_WEIGHTS)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
-    return parser
 
 
 def _optional(load, path: str | None):
@@ -212,11 +217,16 @@ class Evaluation:
     table: str
 
 
+def held_out_clips(ecfg: EvaluateConfig) -> int:
+    """How many held-out clips will be evaluated; DataError when the shards cannot be read."""
+    total = sum(r.count for r in resolve_shards(ecfg.data))
+    return min(total, ecfg.clips or total)
+
+
 def prepare(ecfg: EvaluateConfig):
     """The model and its training config, or ConfigError/DataError before any work is done."""
     from kpscale.predict import load_trained
 
-    resolve_shards(ecfg.data)
     model, cfg = load_trained(ecfg.run, ecfg.tracking_uri)
     _check_length(ecfg, cfg)
     return model, cfg
@@ -233,12 +243,11 @@ def metric_networks(ecfg: EvaluateConfig) -> tuple[object, object, list[str]]:
     return i3d, vgg, [n for n in (i3d_note, vgg_note) if n]
 
 
-def evaluate_model(model, cfg, ecfg: EvaluateConfig, i3d, vgg, notes: list[str]) -> Evaluation:
+def evaluate_model(model, cfg, ecfg: EvaluateConfig, total: int, i3d, vgg, notes: list[str]) -> Evaluation:
+    """Evaluate `total` held-out clips (`held_out_clips`)."""
     notes = list(notes)
     weights, positions, note = _fit(model, cfg, ecfg)
     notes += [note] if note else []
-    total = sum(r.count for r in resolve_shards(ecfg.data))
-    total = min(total, ecfg.clips or total)
     log.info("evaluating %s on %d clips of %s: %d sampled futures each", ecfg.run, total, ecfg.data, ecfg.samples)
     parts = _run_parts(model, cfg, ecfg, weights, positions, i3d, vgg, total)
     metrics, curves = summarise(parts, cfg.model.observed, cfg.model.image_size)
@@ -255,12 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         given = {k: v for k, v in vars(args).items() if v is not None and k != "per_clip"}
         ecfg = validate(EvaluateConfig, given | {"per_object": not args.per_clip}, "command line")
+        total = held_out_clips(ecfg)
         model, cfg = prepare(ecfg)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     i3d, vgg, notes = metric_networks(ecfg)
-    result = evaluate_model(model, cfg, ecfg, i3d, vgg, notes)
+    result = evaluate_model(model, cfg, ecfg, total, i3d, vgg, notes)
     run_id = log_evaluation(ecfg, result)
     print(f"\n{result.table}\n" + "".join(f"\nnote: {n}" for n in result.notes) + f"\n\nMLflow run {run_id}")
     return 0
