@@ -106,17 +106,45 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return tree
 
 
+def read_config(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config file. `extends: FILE` (relative to this file) starts from that file's
+    settings and overrides them key by key, except that a section naming another `name` (a
+    model section of another family) replaces the base's section whole."""
+    path = Path(path).resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: extends itself (via {' -> '.join(map(str, seen))})")
+    tree = read_yaml(path)
+    parent = tree.pop("extends", None)
+    if parent is None:
+        return tree
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends must be a file path, got {parent!r}")
+    return _merge(read_config(path.parent / parent, (*seen, path)), tree)
+
+
 def validate(cls: type[C], tree: dict[str, Any], source: str = "config") -> C:
     try:
         return cls.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: invalid config\n" + describe(exc)) from None
+        raise ConfigError(f"{source}: invalid config\n" + describe(exc, tree)) from None
 
 
-def describe(exc: ValidationError) -> str:
+def _key(loc: tuple, tree: Any) -> str:
+    """The dotted key of an error location, without the tags pydantic inserts for a tagged
+    union (`model.cnn_vrnn.num_keypoints` is the user's `model.num_keypoints`)."""
+    parts = []
+    for i, part in enumerate(loc):
+        if isinstance(tree, dict) and part not in tree and i < len(loc) - 1:
+            continue
+        parts.append(str(part))
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return ".".join(parts)
+
+
+def describe(exc: ValidationError, tree: Any = None) -> str:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        key = _key(err["loc"], tree) or "<root>"
         if err["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (value {err['input']!r})")
         elif err["type"] == "missing":
@@ -131,7 +159,7 @@ def load(cls: type[C], path: str | Path | None = None, overrides: list[str] = ()
     """Build a `cls` from `base` (defaults), then the YAML file at `path`, then `overrides`."""
     tree = _deepcopy(base or {})
     if path is not None:
-        tree = _merge(tree, read_yaml(path))
+        tree = _merge(tree, read_config(path))
     tree = apply_overrides(tree, list(overrides))
     source = str(path) if path is not None else cls.__name__
     if overrides:
@@ -140,9 +168,12 @@ def load(cls: type[C], path: str | Path | None = None, overrides: list[str] = ()
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, key by key; a section of `top` with a `name` other than the base
+    section's replaces it (another model family has other keys)."""
     out = dict(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if (isinstance(value, dict) and isinstance(out.get(key), dict)
+                and value.get("name", out[key].get("name")) == out[key].get("name")):
             out[key] = _merge(out[key], value)
         else:
             out[key] = value

@@ -1,6 +1,6 @@
 import pytest
 
-from kpscale.config import ConfigError, apply_overrides, load
+from kpscale.config import ConfigError, apply_overrides, load, read_config
 from kpscale.data.card import DatasetCard
 from kpscale.data.stream import DataConfig, LoaderConfig
 from conftest import CARD
@@ -57,3 +57,19 @@ def test_loader_config_rejects_cuda_decoding_in_workers():
         load(LoaderConfig, None, ["decode_device=cuda", "num_workers=2"])
     with pytest.raises(ConfigError, match="batch_size"):
         load(LoaderConfig, None, ["batch_size=0"])
+
+
+def test_extends_starts_from_the_base_file_and_a_renamed_section_replaces_the_base_section(tmp_path):
+    (tmp_path / "base.yaml").write_text("model:\n  name: a\n  width: 2\n  depth: 3\ntrain:\n  steps: 10\n  lr: 0.1\n")
+    (tmp_path / "same.yaml").write_text("extends: base.yaml\nmodel:\n  depth: 4\ntrain:\n  lr: 0.2\n")
+    (tmp_path / "other.yaml").write_text("extends: same.yaml\nmodel:\n  name: b\n  size: 5\n")
+    assert read_config(tmp_path / "same.yaml") == {"model": {"name": "a", "width": 2, "depth": 4},
+                                                   "train": {"steps": 10, "lr": 0.2}}
+    assert read_config(tmp_path / "other.yaml") == {"model": {"name": "b", "size": 5}, "train": {"steps": 10, "lr": 0.2}}
+    (tmp_path / "loop.yaml").write_text("extends: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        read_config(tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml does not exist"):
+        read_config(tmp_path / "missing.yaml")
