@@ -53,8 +53,9 @@ def interval(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def model_labels(configs: dict[str, dict]) -> dict[str, str]:
-    """Run -> label: the config keys (flattened, dotted) whose values tell the models apart."""
-    keys = sorted({k for c in configs.values() for k in c})
+    """Run -> label: the config keys (flattened, dotted) whose values tell the models apart,
+    among the keys every run has (a family's own keys are told by `model.name`)."""
+    keys = sorted(set.intersection(*(set(c) for c in configs.values())))
     differ = [k for k in keys if not NOT_THE_MODEL.match(k) and len({repr(c.get(k)) for c in configs.values()}) > 1]
     return {run: " ".join(f"{k.rsplit('.', 1)[-1]}={c.get(k)}" for k in differ) or "all runs"
             for run, c in configs.items()}
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 CURVES = {"tracking_predicted": "tracking error px, predicted (best of the samples)",
-          "tracking_no_dynamics": "tracking error px, no dynamics (last observed keypoints held)",
+          "tracking_no_dynamics": "tracking error px, no dynamics (last observed state held)",
           "psnr_closest": "PSNR dB, closest sample", "psnr_furthest": "PSNR dB, furthest sample",
           "ssim_closest": "SSIM, closest sample", "ssim_furthest": "SSIM, furthest sample",
           "vgg_cosine_closest": "VGG cosine, closest sample", "vgg_cosine_furthest": "VGG cosine, furthest sample"}

@@ -2,7 +2,8 @@
 
 Loads a trained model (the `model/` artifacts a training run logs to MLflow, or a folder holding
 weights.pt and config.yaml), reads any video, observes its first frames and writes an mp4 with
-the input on the left and sampled futures beside it, keypoints drawn on every frame."""
+the input on the left and sampled futures beside it, keypoints drawn on every frame (for a
+model with keypoints)."""
 
 from __future__ import annotations
 
@@ -45,9 +46,13 @@ def load_trained(run: str, tracking_uri: str | None = None) -> tuple[torch.nn.Mo
     return model.eval(), cfg
 
 
-def _frames(decoded: torch.Tensor, keypoints: torch.Tensor, heatmap_size: int) -> list[np.ndarray]:
-    """Sampled futures [S, T, 3, H, W] with their keypoints [S, T, K, 3] drawn: one column each."""
-    return [draw_keypoints(to_rgb(frames), points, heatmap_size) for frames, points in zip(decoded, keypoints)]
+def _frames(model, cfg, decoded: torch.Tensor, states: torch.Tensor) -> list[np.ndarray]:
+    """Sampled futures [S, T, 3, H, W], one column each, with their keypoints drawn (from
+    states [S, T, D]) where the model has keypoints."""
+    keypoints = model.keypoints(states)
+    if keypoints is None:
+        return [to_rgb(frames) for frames in decoded]
+    return [draw_keypoints(to_rgb(frames), points, cfg.model.heatmap_size) for frames, points in zip(decoded, keypoints)]
 
 
 @torch.no_grad()
@@ -60,17 +65,19 @@ def predict(model, cfg, video: torch.Tensor, future: int, samples: int, observed
     frames, _, _ = fit(video, cfg.model.image_size, "crop")
     clip = frames[None].float() / 255
     torch.manual_seed(seed)
-    keypoints, decoded = model.sample_future(clip, future, samples, observed)  # [1, S, T, ...]
-    steps = keypoints.shape[2]
+    states, decoded = model.sample_future(clip, future, samples, observed)  # [1, S, T, ...]
+    steps = states.shape[2]
     truth = np.zeros((steps, *frames.shape[2:], 3), np.uint8)
     shown = frames[:steps].permute(0, 2, 3, 1).numpy()
     truth[:len(shown)] = shown  # black where the input video has ended
-    columns = [truth, *_frames(decoded[0], keypoints[0], cfg.model.heatmap_size)]
+    columns = [truth, *_frames(model, cfg, decoded[0], states[0])]
     if moves:
+        if model.keypoints(states) is None:
+            raise ConfigError(f"--move: a {cfg.model.name} model has no keypoints to move")
         offsets = pixel_offsets(moves, cfg.model.num_keypoints, cfg.model.heatmap_size, cfg.model.image_size)
         torch.manual_seed(seed)
-        keypoints, decoded = model.sample_future(clip, future, samples, observed, offsets)
-        columns += _frames(decoded[0], keypoints[0], cfg.model.heatmap_size)
+        states, decoded = model.sample_future(clip, future, samples, observed, offsets)
+        columns += _frames(model, cfg, decoded[0], states[0])
     return np.concatenate(columns, axis=2)
 
 

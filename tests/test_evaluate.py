@@ -22,6 +22,8 @@ from kpscale.models import build_model
 from kpscale.train.config import load_train_config
 from conftest import ROOT, TINY_MODEL
 
+CNN_VRNN = ROOT / "kpscale/models/cnn_vrnn/configs/basketball_cpu.yaml"
+
 SAMPLES, CLIPS = 3, 6
 
 
@@ -190,18 +192,23 @@ def test_compare_pools_seeds_of_a_model_and_logs_the_runs_as_children(basketball
     runs = [_model_folder(tmp_path / "a0", load_train_config(None, [*TINY_MODEL, *data, "train.seed=0"]), 0),
             _model_folder(tmp_path / "a1", load_train_config(None, [*TINY_MODEL, *data, "train.seed=1"]), 1),
             _model_folder(tmp_path / "rnn", load_train_config(None, [*TINY_MODEL, *data, "model.latent_size=0",
-                                                                      "model.num_samples=1"]), 0)]
+                                                                      "model.num_samples=1"]), 0),
+            _model_folder(tmp_path / "cnn", load_train_config(CNN_VRNN, [*data, *(o for o in TINY_MODEL
+                                                                               if "num_keypoints" not in o)]), 0)]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = subprocess.run(
         [sys.executable, "-m", "kpscale.compare", *map(str, runs), "--data", str(basketball / "test"),
          "--samples", "2", "--clips", "4", "--fit-clips", "16", "--tracking-uri", uri],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    vrnn, rnn = "latent_size=16 num_samples=2", "latent_size=0 num_samples=1"
+    vrnn, rnn = "latent_size=16 name=struct_vrnn num_samples=2", "latent_size=0 name=struct_vrnn num_samples=1"
+    cnn = "latent_size=16 name=cnn_vrnn num_samples=2"
 
     def slug(label: str) -> str:  # MLflow metric names allow no "="
         return label.replace("=", "-")
-    assert f"{vrnn} (2 runs)" in result.stdout and f"{rnn} (1 run)" in result.stdout
+    assert f"{vrnn} (2 runs)" in result.stdout and f"{rnn} (1 run)" in result.stdout and f"{cnn} (1 run)" in result.stdout
+    found = next(line for line in result.stdout.splitlines() if line.startswith("objects_found"))
+    assert found.split()[-1] == "-" and len(found.split()) == 4  # 3 models; CNN-VRNN has no keypoints to find objects with
     assert "tracking error px, predicted (best of the samples), per frame" in result.stdout
 
     client = mlflow.MlflowClient(uri)
@@ -216,5 +223,6 @@ def test_compare_pools_seeds_of_a_model_and_logs_the_runs_as_children(basketball
         assert mean == pytest.approx(pooled.mean(), rel=1e-6)
         assert ci95 == pytest.approx(12.706 * pooled.std(ddof=1) / np.sqrt(2), rel=1e-6)  # t(0.975, 1 dof)
         assert parent.data.metrics[f"{slug(rnn)}/{name}_mean"] == pytest.approx(by_model[str(runs[2])][name], rel=1e-6)
+        assert parent.data.metrics[f"{slug(cnn)}/{name}_mean"] == pytest.approx(by_model[str(runs[3])][name], rel=1e-6)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
     assert {"comparison/comparison.txt", "comparison/tracking_predicted.png", "comparison/psnr_closest.png"} <= artifacts

@@ -63,7 +63,7 @@ def test_moving_a_keypoint_moves_what_the_decoder_draws():
     moved = keypoints.clone()
     moved[..., :2] += offsets  # B: 32 px right and 32 px down
     with torch.no_grad():
-        change = (model.decoder(moved, first, keypoints[:, 0]) - model.decoder(keypoints, first, keypoints[:, 0]))
+        change = model.render(moved, first, keypoints[:, 0]) - model.render(keypoints, first, keypoints[:, 0])
     change = change.abs().sum(2)[0, 0]  # [H, W]
     (ax, ay), (bx, by) = (keypoint_pixels(k[0, 0, :1], cfg.model.heatmap_size, 64)[0] for k in (keypoints, moved))
     ys, xs = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing="ij")

@@ -8,9 +8,9 @@ from kpscale.config import ConfigError, validate
 from kpscale.models import MODELS, build_model
 from kpscale.models.keypoints import (ImageDecoder, KeypointDetector, add_coord_channels,
                                       heatmaps_to_keypoints, keypoints_to_maps)
-from kpscale.models.struct_vrnn.model import (VRNN, StructVRNN, StructVRNNConfig, assign, best_of_many,
-                                              exploration_loss, gaussian_kl, linear_ramp, separation_loss,
-                                              spare_keypoints, sparsity_loss)
+from kpscale.models.struct_vrnn.model import (StructVRNN, StructVRNNConfig, assign, exploration_loss,
+                                              separation_loss, spare_keypoints, sparsity_loss)
+from kpscale.models.vrnn import VRNN, best_of_many, gaussian_kl, linear_ramp
 
 TINY = dict(filters=8, num_keypoints=4, rnn_size=32, hidden_size=32, num_samples=5, observed=4, predicted=4)
 
@@ -30,16 +30,17 @@ def test_shapes(size):
     assert keypoints.shape == (b, t, k, 3) and heatmaps.shape == logits.shape == (b, t, k, h, h)
     assert torch.allclose(heatmaps, torch.nn.functional.softplus(logits))
     assert keypoints[..., :2].abs().max() <= 1 and 0 <= keypoints[..., 2].min() <= keypoints[..., 2].max() <= 1
-    decoder = ImageDecoder(k, cfg.filters, cfg.layers_per_scale, cfg.keypoint_sigma)
-    frames = decoder(keypoints, video[:, 0], keypoints[:, 0])
+    decoder = ImageDecoder(k, cfg.filters, cfg.layers_per_scale)
+    maps = keypoints_to_maps(keypoints, h, cfg.keypoint_sigma)
+    frames = decoder(maps, video[:, 0], maps[:, 0])
     assert frames.shape == video.shape
-    predicted, kl = VRNN(cfg)(keypoints, t, num_samples=cfg.num_samples)
+    predicted, kl = VRNN(3 * cfg.num_keypoints, cfg)(keypoints, t, num_samples=cfg.num_samples)
     assert predicted.shape == (b, t, k, 3) and kl.shape == (b, cfg.observed)
 
     out = StructVRNN(cfg)(video, step=0)
     assert out["loss"].shape == () and torch.isfinite(out["loss"])
     assert set(out["terms"]) == {"reconstruction", "separation", "sparsity", "kl", "future", "exploration"}
-    for key in ("keypoints", "predicted_keypoints"):
+    for key in ("states", "predicted_states"):
         assert out[key].shape == (b, t, k, 3)
     assert out["heatmaps"].shape == (b, t, k, h, h)
     for key in ("reconstruction", "predicted_frames"):
@@ -49,7 +50,8 @@ def test_shapes(size):
 def test_sample_future_shapes():
     cfg = tiny()
     model = StructVRNN(cfg).eval()
-    keypoints, frames = model.sample_future(torch.rand(2, cfg.observed, 3, 64, 64), future=6, num_samples=3)
+    states, frames = model.sample_future(torch.rand(2, cfg.observed, 3, 64, 64), future=6, num_samples=3)
+    keypoints = model.keypoints(states)
     assert keypoints.shape == (2, 3, cfg.observed + 6, cfg.num_keypoints, 3)
     assert frames.shape == (2, 3, cfg.observed + 6, 3, 64, 64)
     assert not torch.equal(keypoints[:, 0, -1], keypoints[:, 1, -1])  # the samples differ
@@ -187,7 +189,7 @@ def test_predictions_do_not_peek_at_future_keypoints():
     """Without teacher forcing and best of many (eval), predicted steps depend on the
     observed keypoints only; with best of many, training uses the future targets."""
     cfg = tiny()
-    dynamics = VRNN(cfg)
+    dynamics = VRNN(3 * cfg.num_keypoints, cfg)
     kp = torch.rand(2, cfg.steps, cfg.num_keypoints, 3)
     changed = kp.clone()
     changed[:, cfg.observed:] = torch.rand_like(changed[:, cfg.observed:])
@@ -207,7 +209,7 @@ def test_observed_input_detected_feeds_the_detected_keypoints_at_test_too():
 
     def run(observed_input: str, p_true: tuple[float, float]) -> torch.Tensor:
         torch.manual_seed(0)
-        dynamics = VRNN(tiny(observed_input=observed_input)).eval()
+        dynamics = VRNN(12, tiny(observed_input=observed_input)).eval()
         torch.manual_seed(1)
         return dynamics(kp, 8, p_true=p_true)[0]
 
@@ -219,7 +221,7 @@ def test_delta_output_adds_the_change_to_the_keypoints_last_read():
     """With a decoder that outputs no change, "delta" repeats the keypoints the RNN last read:
     the detected ones on observed steps (0 before the first), then the last observed, held."""
     cfg = tiny(observed_input="detected", keypoint_output="delta")
-    dynamics = VRNN(cfg)
+    dynamics = VRNN(3 * cfg.num_keypoints, cfg)
     nn = torch.nn
     nn.init.zeros_(dynamics.decoder[-2].weight), nn.init.zeros_(dynamics.decoder[-2].bias)
     kp = torch.rand(2, cfg.steps, cfg.num_keypoints, 3)
@@ -231,7 +233,7 @@ def test_delta_output_adds_the_change_to_the_keypoints_last_read():
 
 def test_latent_size_0_is_the_deterministic_struct_rnn():
     cfg = tiny(latent_size=0, num_samples=1)
-    dynamics = VRNN(cfg)
+    dynamics = VRNN(3 * cfg.num_keypoints, cfg)
     assert dynamics.prior is None and dynamics.posterior is None
     kp = torch.rand(2, cfg.steps, cfg.num_keypoints, 3)
     torch.manual_seed(0)
@@ -300,7 +302,7 @@ def test_config_rejects_bad_values(override, word):
 
 
 def test_registry_builds_the_model_its_config_names():
-    assert set(MODELS) == {"struct_vrnn"}
+    assert set(MODELS) == {"struct_vrnn", "cnn_vrnn"}
     model = build_model(validate(StructVRNNConfig, {**TINY, "image_size": 128}))
     assert isinstance(model, StructVRNN) and model.cfg.image_size == 128
     with pytest.raises(ConfigError, match="name"):

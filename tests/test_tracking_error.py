@@ -9,10 +9,10 @@ def test_regression_recovers_a_known_linear_map():
     g = torch.Generator().manual_seed(0)
     keypoints = torch.rand(500, 5, 3, generator=g) * 2 - 1
     true_map = torch.randn(16, 4, generator=g, dtype=torch.float64)  # 5 keypoints x 3 + offset -> 2 objects
-    positions = (tracking.features(keypoints) @ true_map).unflatten(-1, (2, 2)).float()
-    weights = tracking.fit(keypoints, positions, ridge=0.0)
+    positions = (tracking.features(keypoints.flatten(-2)) @ true_map).unflatten(-1, (2, 2)).float()
+    weights = tracking.fit(keypoints.flatten(-2), positions, ridge=0.0)
     torch.testing.assert_close(weights, true_map, rtol=1e-6, atol=1e-6)
-    assert tracking.distance(tracking.apply(weights, keypoints), positions).max() < 1e-4
+    assert tracking.distance(tracking.apply(weights, keypoints.flatten(-2)), positions).max() < 1e-4
 
 
 def test_null_error_and_best_of_samples():
@@ -27,6 +27,7 @@ def test_null_error_and_best_of_samples():
     sampled[0, 0, ..., :2] = 5.0
     sampled[0, 1, :, 0, :2] = truth[0, :, 0]
     sampled[0, 2, ..., :2] = 1.5
+    sampled = sampled.flatten(-2)  # [B, S, T, 3K]: states
     errors = tracking.best_of_samples(weights, sampled, truth)
     assert errors.shape == (1, 2) and errors.max() < 1e-6
     # Best of many is never worse than any single sample.
@@ -46,9 +47,9 @@ def test_regression_recovers_a_map_of_some_keypoints_where_identifiable():
     true_map[0:3, 0:2] = torch.randn(3, 2, generator=g, dtype=torch.float64)
     true_map[3:6, 2:4] = torch.randn(3, 2, generator=g, dtype=torch.float64)
     true_map[12] = torch.randn(4, generator=g, dtype=torch.float64)
-    positions = (tracking.features(keypoints) @ true_map).unflatten(-1, (2, 2)).float()
-    weights = tracking.fit(keypoints, positions, ridge=1e-10)  # the ridge picks one of the equal fits
-    torch.testing.assert_close(tracking.apply(weights, keypoints), positions, rtol=0, atol=1e-6)
+    positions = (tracking.features(keypoints.flatten(-2)) @ true_map).unflatten(-1, (2, 2)).float()
+    weights = tracking.fit(keypoints.flatten(-2), positions, ridge=1e-10)  # the ridge picks one of the equal fits
+    torch.testing.assert_close(tracking.apply(weights, keypoints.flatten(-2)), positions, rtol=0, atol=1e-6)
     close = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # noqa: E731
     close(weights[0:3], true_map[0:3])  # keypoint 0
     close(weights[6:8], true_map[6:8])  # keypoint 2's x, y: unused
@@ -59,7 +60,7 @@ def test_regression_recovers_a_map_of_some_keypoints_where_identifiable():
 def test_best_of_samples_is_never_worse_than_one_sample():
     g = torch.Generator().manual_seed(2)
     weights = torch.randn(3 * 3 + 1, 2 * 2, generator=g, dtype=torch.float64)  # 3 keypoints -> 2 objects
-    sampled = torch.rand(6, 5, 4, 3, 3, generator=g)  # [B, S, T, K, 3]
+    sampled = torch.rand(6, 5, 4, 3, 3, generator=g).flatten(-2)  # [B, S, T, 3K]
     positions = torch.randn(6, 4, 2, 2, generator=g)
     per_clip = tracking.best_of_samples(weights, sampled, positions)
     per_object = tracking.best_of_samples(weights, sampled, positions, per_object=True)
@@ -81,6 +82,7 @@ def test_best_of_samples_per_object_picks_a_sample_for_each_object():
     sampled[0, :, :, :, :2] = truth[0]
     sampled[0, 0, :, 1, :2] += 1.0  # sample 0 matches object 0 only
     sampled[0, 1, :, 0, :2] += 2.0  # sample 1 matches object 1 only, and is worse overall
+    sampled = sampled.flatten(-2)
     assert (tracking.best_of_samples(weights, sampled, truth, per_object=True) == 0).all()
     per_clip = tracking.best_of_samples(weights, sampled, truth)
     torch.testing.assert_close(per_clip, torch.full((1, 3), 2 ** 0.5 / 2))  # sample 0 for both
@@ -131,7 +133,7 @@ def test_keypoints_are_drawn_where_they_point(tmp_path):
     assert drawn[0, 2, 2].max() > 200 and drawn[0, 62, 62].max() > 200
     assert drawn[0, 32, 32].max() == 0
     video = torch.rand(4, 3, 16, 16)
-    frames = panel(video, video, keypoints[:, :2].expand(4, -1, -1), video, observed=2, heatmap_size=4, scale=2)
+    frames = panel(video, video, video, observed=2, keypoints=keypoints[:, :2].expand(4, -1, -1), heatmap_size=4, scale=2)
     assert frames.shape == (4, 2 * 20, 2 * 4 * 20, 3)
     assert (frames[0, 0, 0] == [40, 200, 70]).all() and (frames[3, 0, 0] == [230, 45, 45]).all()
     from PIL import Image

@@ -14,6 +14,7 @@ os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed is imported: there is n
 import mlflow
 import pytest
 import torch
+from PIL import Image
 
 from kpscale.models import build_model
 from kpscale.predict import load_trained
@@ -23,8 +24,8 @@ from conftest import ROOT, TINY_MODEL, registered_step
 TINY = [*TINY_MODEL, "data.batch_size=2", "data.num_workers=0", "train.warmup_steps=1", "train.log_every=2"]
 
 
-def train(*overrides, timeout=300, env=None):
-    return subprocess.run([sys.executable, "-m", "kpscale.train", *TINY, *overrides], cwd=ROOT,
+def train(*overrides, timeout=300, env=None, tiny=TINY):
+    return subprocess.run([sys.executable, "-m", "kpscale.train", *tiny, *overrides], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -244,23 +245,53 @@ def test_run_survives_a_killed_worker(basketball, tmp_path):
     assert steps[-1] == 40 and run.info.status == "FINISHED"
 
 
-@pytest.mark.slow
-def test_struct_rnn_baseline_trains_and_evaluates_through_the_same_commands(basketball, tmp_path):
-    """The paper's Struct-RNN (deterministic dynamics) is a config of the same model: it trains
-    with kpscale.train and is scored by kpscale.evaluate, whose samples all coincide."""
+def _train_and_evaluate(basketball, tmp_path, *args: str, tiny=TINY):
+    """A 4-step training run with `args`, then kpscale.evaluate on it: (client, training run,
+    evaluation run)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = train(f"data.train={basketball / 'train'}", f"data.test={basketball / 'test'}",
-                   "model.latent_size=0", "model.num_samples=1", "train.steps=4", "train.eval_every=4",
-                   "train.eval_clips=8", f"train.storage={tmp_path / 'runs'}", f"tracking.uri={uri}")
+    result = train(*args, f"data.train={basketball / 'train'}", f"data.test={basketball / 'test'}", "train.steps=4",
+                   "train.eval_every=4", "train.eval_clips=8", f"train.storage={tmp_path / 'runs'}", f"tracking.uri={uri}",
+                   tiny=tiny)
     assert result.returncode == 0, result.stderr[-3000:]
     client = mlflow.MlflowClient(uri)
     run = _run(client, tmp_path)
-    assert run.data.params["model.latent_size"] == "0" and "tracking_error_no_dynamics" in run.data.metrics
     evaluated = subprocess.run(
         [sys.executable, "-m", "kpscale.evaluate", "--run", run.info.run_id, "--data", str(basketball / "test"),
          "--samples", "3", "--clips", "6", "--fit-clips", "16", "--tracking-uri", uri],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    child = client.get_run(evaluated.stdout.strip().rsplit(" ", 1)[-1]).data.metrics
+    return client, run, client.get_run(evaluated.stdout.strip().rsplit(" ", 1)[-1])
+
+
+@pytest.mark.slow
+def test_struct_rnn_baseline_trains_and_evaluates_through_the_same_commands(basketball, tmp_path):
+    """The paper's Struct-RNN (deterministic dynamics) is a config of the same model: it trains
+    with kpscale.train and is scored by kpscale.evaluate, whose samples all coincide."""
+    _, run, evaluation = _train_and_evaluate(basketball, tmp_path, "model.latent_size=0", "model.num_samples=1")
+    assert run.data.params["model.latent_size"] == "0" and "tracking_error_no_dynamics" in run.data.metrics
+    child = evaluation.data.metrics
     assert child["psnr_closest"] == pytest.approx(child["psnr_furthest"], rel=1e-6)  # one future, drawn 3 times
     assert child["tracking_error_predicted"] > 0 and child["tracking_error_no_dynamics"] > 0
+
+
+@pytest.mark.slow
+def test_cnn_vrnn_baseline_trains_and_evaluates_through_the_same_commands(basketball, tmp_path):
+    """The paper's CNN-VRNN (a feature vector, no keypoints) trains from its shipped config with
+    kpscale.train and is scored by kpscale.evaluate: tracking by regression from the vector,
+    and nothing of keypoints (no objects found, no keypoint column in the video, no trajectories)."""
+    client, run, evaluation = _train_and_evaluate(
+        basketball, tmp_path, "--config", str(ROOT / "kpscale/models/cnn_vrnn/configs/basketball_cpu.yaml"),
+        tiny=[o for o in TINY if not o.startswith("model.num_keypoints")])
+    assert run.data.params["model.name"] == "cnn_vrnn" and run.data.params["model.representation_size"] == "36"
+    assert run.data.params["train.run_name"] == "cnn_vrnn-basketball"
+    metrics = run.data.metrics
+    assert {"tracking_error_observed", "tracking_error_predicted", "tracking_error_no_dynamics"} <= set(metrics)
+    assert "objects_found" not in metrics and "train/separation" not in metrics
+    gif = client.download_artifacts(run.info.run_id, "videos/step-0000004.gif", str(tmp_path))
+    with Image.open(gif) as image:  # truth | reconstruction | predicted, 3x scale, 4 px borders
+        assert image.size[0] == 3 * 3 * (64 + 4)
+    child = evaluation.data.metrics
+    assert child["psnr_closest"] >= child["psnr_furthest"] and "objects_found" not in child
+    assert child["tracking_error_predicted"] > 0 and child["tracking_error_observed"] > 0
+    artifacts = {a.path for a in client.list_artifacts(evaluation.info.run_id, "evaluation")}
+    assert "evaluation/tracking.png" in artifacts and "evaluation/trajectories.parquet" not in artifacts

@@ -1,4 +1,4 @@
-"""Dynamics benchmark: the Struct-VRNN's VRNN alone, fed ground-truth keypoints (x, y, mu=1) of
+"""Dynamics benchmark: the VRNN alone (kpscale.models.vrnn), fed ground-truth keypoints (x, y, mu=1) of
 dots moving at constant velocity and bouncing off the walls of a 64 px box, so that its errors
 are the dynamics' own, not the detector's. Each --beta trains a model from the same seed on the
 same batches; all are measured on the same held-out windows against holding the last observed
@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from kpscale.evaluate.tracking import distance, no_dynamics
-from kpscale.models.struct_vrnn.model import VRNN, sequence_l2
+from kpscale.models.vrnn import VRNN, sequence_l2
 from kpscale.train.config import load_train_config
 
 SIZE = 64  # box side in pixels; keypoints are in [-1, 1] units, SIZE / 2 px each
@@ -102,9 +102,9 @@ def run(args: argparse.Namespace) -> dict:
     test = bouncing_dots(args.windows, steps, args.dots, torch.Generator().manual_seed(10**6 + args.seed))
     figures = {"baselines": baselines(test, observed), "models": {}}
     for beta in args.beta:
-        cfg = base.model_copy(update={"num_keypoints": args.dots, "beta": beta})
+        cfg = base.model_copy(update={"beta": beta})
         torch.manual_seed(args.seed)
-        model = VRNN(cfg)
+        model = VRNN(3 * args.dots, cfg)
         optimizer = torch.optim.Adam(model.parameters(), args.lr)
         batches = torch.Generator().manual_seed(args.seed)
         started = time.perf_counter()

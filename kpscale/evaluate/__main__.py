@@ -3,10 +3,11 @@
 Samples N futures for each held-out clip and scores them: FVD (with I3D weights), PSNR and SSIM
 per predicted step (of the closest and furthest sample of each clip, chosen by VGG cosine
 similarity, or PSNR without VGG weights), VGG cosine similarity (with VGG weights), and
-the keypoint tracking error on observed and predicted frames (best of N) against the null model
-and "no dynamics". Results go to MLflow as a run nested under the training run (or a new run
-when --run is a folder): metrics, per-frame curves, PNG plots, the keypoint trajectories as
-Parquet and the summary table printed at the end. With --workers N > 1 the clips are split over
+the tracking error (a linear regression from the model's states: keypoints, or CNN-VRNN's
+feature vector) on observed and predicted frames (best of N) against the null model and "no
+dynamics". Results go to MLflow as a run nested under the training run (or a new run when --run
+is a folder): metrics, per-frame curves, PNG plots, a keypoint model's trajectories as Parquet
+and the summary table printed at the end. With --workers N > 1 the clips are split over
 N Ray tasks (a local Ray, or the cluster in RAY_ADDRESS).
 """
 
@@ -165,12 +166,13 @@ def log_evaluation(ecfg: EvaluateConfig, result: Evaluation, parent_run_id: str 
                              for name, title in titles.items() if f"{name}_closest" in curves}
             diversity_plot(frame_metrics, obs + 1, out / "diversity.png")
             if "tracking_null" in curves:
-                labels = {"tracking_observed": "keypoints, observed frames",
+                labels = {"tracking_observed": "observed frames",
                           "tracking_predicted": f"predicted, best of {ecfg.samples}",
                           "tracking_no_dynamics": "no dynamics (last observed held)",
                           "tracking_null": "null model (mean positions)"}
                 tracking_plot({label: curves[name] for name, label in labels.items()}, obs, out / "tracking.png")
-            write_trajectories([t for p in parts for t in p.tables], out / "trajectories.parquet")
+            if any(p.tables for p in parts):  # keypoint models
+                write_trajectories([t for p in parts for t in p.tables], out / "trajectories.parquet")
             (out / "summary.txt").write_text(table + "".join(f"\n{n}" for n in notes) + "\n")
             mlflow.log_artifacts(folder, artifact_path="evaluation")
         return run.info.run_id

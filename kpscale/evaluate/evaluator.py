@@ -62,9 +62,9 @@ def evaluate_part(model, cfg: TrainConfig, ecfg: EvaluateConfig, weights: torch.
     out = PartResult()
     for batch in fixed_batches(ecfg.data, data, obs + pred, limit, rank, world):
         video = batch["video"].to(device)
-        detected = model.detector(video - 0.5)[0]  # [B, T, K, 3]: every frame, for tracking and export
-        keypoints, generated = model.sample_future(video, pred, ecfg.samples)  # [B, S, T, ...]
-        b, s = keypoints.shape[:2]
+        encoded = model.represent(video)  # [B, T, D]: every frame, for tracking and export
+        sampled, generated = model.sample_future(video, pred, ecfg.samples)  # [B, S, T, ...]
+        b, s = sampled.shape[:2]
         truth = video[:, None, obs:].expand(-1, s, -1, -1, -1, -1).flatten(0, 1)
         futures = generated[:, :, obs:].flatten(0, 1)
         out.add("psnr", frames.psnr_per_step(futures, truth).unflatten(0, (b, s)))  # [B, S, P]
@@ -75,19 +75,22 @@ def evaluate_part(model, cfg: TrainConfig, ecfg: EvaluateConfig, weights: torch.
             out.add("i3d_real", i3d.features(video))
             out.add("i3d_fake", torch.stack([i3d.features(torch.cat([video[:, :obs], generated[:, n, obs:]], 1))
                                              for n in range(s)], 1))  # [B, S, D]
+        detected = model.keypoints(encoded)  # [B, T, K, 3], None for a model without keypoints
         if weights is not None:
             coords = batch["coords"].to(device)
-            out.add("track_observed", tracking.per_step_errors(weights, detected[:, :obs], coords[:, :obs]))
-            out.add("keypoint_distance", tracking.nearest_keypoint_distance(  # [B, obs, N]
-                detected[:, :obs], coords[:, :obs], cfg.model.heatmap_size, size))
-            out.add("track_predicted", tracking.best_of_samples(weights, keypoints[:, :, obs:], coords[:, obs:],
+            out.add("track_observed", tracking.per_step_errors(weights, encoded[:, :obs], coords[:, :obs]))
+            if detected is not None:
+                out.add("keypoint_distance", tracking.nearest_keypoint_distance(  # [B, obs, N]
+                    detected[:, :obs], coords[:, :obs], cfg.model.heatmap_size, size))
+            out.add("track_predicted", tracking.best_of_samples(weights, sampled[:, :, obs:], coords[:, obs:],
                                                                 ecfg.per_object))
             out.add("track_no_dynamics", tracking.per_step_errors(
-                weights, tracking.no_dynamics(detected[:, :obs], pred), coords[:, obs:]))
+                weights, tracking.no_dynamics(encoded[:, :obs], pred), coords[:, obs:]))
             out.add("track_null", tracking.null_error_per_step(fit_positions, coords))
-        # Export the detected keypoints on observed frames, the sampled ones after.
-        exported = torch.cat([detected[:, None, :obs].expand(-1, s, -1, -1, -1), keypoints[:, :, obs:]], 2)
-        out.tables.append(trajectory_table(batch["key"], exported, obs, size, cfg.model.heatmap_size))
+        if detected is not None:  # export the detected keypoints on observed frames, the sampled ones after
+            exported = torch.cat([detected[:, None, :obs].expand(-1, s, -1, -1, -1),
+                                  model.keypoints(sampled[:, :, obs:])], 2)
+            out.tables.append(trajectory_table(batch["key"], exported, obs, size, cfg.model.heatmap_size))
         out.keys += batch["key"]
         if progress is not None:
             progress.update(b)

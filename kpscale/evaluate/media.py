@@ -1,6 +1,6 @@
-"""Videos a person can watch in the MLflow UI: one GIF per clip with four panels side by side,
-ground truth | reconstruction | detected keypoints on the frames | frames decoded from the
-predicted keypoints, framed green on observed steps and red on predicted ones."""
+"""Videos a person can watch in the MLflow UI: one GIF per clip with panels side by side,
+ground truth | reconstruction | detected keypoints on the frames (keypoint models) | frames
+decoded from the predicted states, framed green on observed steps and red on predicted ones."""
 
 from __future__ import annotations
 
@@ -60,11 +60,13 @@ def draw_keypoints(frames: np.ndarray, keypoints: torch.Tensor, heatmap_size: in
     return out.round().astype(np.uint8)
 
 
-def panel(video: torch.Tensor, reconstruction: torch.Tensor, keypoints: torch.Tensor, predicted: torch.Tensor,
-          observed: int, heatmap_size: int, scale: int = 3) -> np.ndarray:
-    """One clip's frames [T, H', W', 3] uint8; inputs [T, 3, H, W] in [0, 1] and keypoints [T, K, 3]."""
+def panel(video: torch.Tensor, reconstruction: torch.Tensor, predicted: torch.Tensor, observed: int,
+          keypoints: torch.Tensor | None = None, heatmap_size: int | None = None, scale: int = 3) -> np.ndarray:
+    """One clip's frames [T, H', W', 3] uint8; inputs [T, 3, H, W] in [0, 1] and keypoints
+    [T, K, 3] (a model without keypoints has no keypoint column)."""
     truth = to_rgb(video)
-    columns = [truth, to_rgb(reconstruction), draw_keypoints(truth, keypoints, heatmap_size), to_rgb(predicted)]
+    drawn = [] if keypoints is None else [draw_keypoints(truth, keypoints, heatmap_size)]
+    columns = [truth, to_rgb(reconstruction), *drawn, to_rgb(predicted)]
     t, h, w, _ = truth.shape
     frames = np.zeros((t, h + 4, len(columns) * (w + 4), 3), np.uint8)
     for step in range(t):

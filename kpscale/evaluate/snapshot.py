@@ -34,23 +34,24 @@ def _clips(spec: str, cfg: TrainConfig, limit: int):
 @torch.no_grad()
 def fit_regression(model, spec: str, cfg: TrainConfig, limit: int, device: torch.device,
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tracking regression fitted on up to `limit` clips of `spec` (training clips), and the
-    object positions it saw [M, N, 2] (the null model's means come from them)."""
-    keypoints, positions = [], []
+    """The tracking regression from the model's states (`represent`) fitted on up to `limit`
+    clips of `spec` (training clips), and the object positions it saw [M, N, 2] (the null
+    model's means come from them)."""
+    states, positions = [], []
     for batch in _clips(spec, cfg, limit):
-        keypoints.append(model.detector(batch["video"].to(device, dtype) - 0.5)[0].float().flatten(0, 1))
+        states.append(model.represent(batch["video"].to(device, dtype)).float().flatten(0, 1))
         positions.append(batch["coords"].flatten(0, 1).to(device))
-    return tracking.fit(torch.cat(keypoints), torch.cat(positions)), torch.cat(positions)
+    return tracking.fit(torch.cat(states), torch.cat(positions)), torch.cat(positions)
 
 
 @torch.no_grad()
 def evaluate(model, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
              fit_clips: int = 256, test_clips: int = 128) -> tuple[dict[str, float], object]:
     """Metrics {tracking_error_observed, tracking_error_predicted, tracking_error_no_dynamics,
-    tracking_error_null} in pixels,
-    objects_found and keypoint_distance/object_<n> (tracking.objects_found), and the video
-    panel of the first held-out clip. Runs on every rank (ZeRO-3 needs all of
-    them for a forward pass); only rank 0 logs."""
+    tracking_error_null} in pixels, for a keypoint model objects_found and
+    keypoint_distance/object_<n> (tracking.objects_found), and the video panel of the first
+    held-out clip. Runs on every rank (ZeRO-3 needs all of them for a forward pass); only
+    rank 0 logs."""
     was_training = model.training
     model.eval()
     obs, mcfg = cfg.model.observed, cfg.model
@@ -59,25 +60,29 @@ def evaluate(model, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
     observed, predicted, held, positions, nearest, video = [], [], [], [], [], None
     for batch in _clips(cfg.data.test or cfg.data.train, cfg, test_clips):
         clip, coords = batch["video"].to(device, dtype), batch["coords"].to(device)
-        keypoints = model.detector(clip - 0.5)[0].float()
-        observed.append(tracking.distance(tracking.apply(weights, keypoints[:, :obs]), coords[:, :obs]).mean((1, 2)))
-        nearest.append(tracking.nearest_keypoint_distance(keypoints[:, :obs], coords[:, :obs], mcfg.heatmap_size,
-                                                          mcfg.image_size))
+        states = model.represent(clip).float()
+        observed.append(tracking.per_step_errors(weights, states[:, :obs], coords[:, :obs]).mean(1))
+        keypoints = model.keypoints(states)
+        if keypoints is not None:
+            nearest.append(tracking.nearest_keypoint_distance(keypoints[:, :obs], coords[:, :obs],
+                                                              mcfg.heatmap_size, mcfg.image_size))
         sampled, _ = model.sample_future(clip, mcfg.predicted, mcfg.num_samples)
         predicted.append(tracking.best_of_samples(weights, sampled[:, :, obs:].float(), coords[:, obs:]).mean(1))
-        held.append(tracking.per_step_errors(weights, tracking.no_dynamics(keypoints[:, :obs], mcfg.predicted),
+        held.append(tracking.per_step_errors(weights, tracking.no_dynamics(states[:, :obs], mcfg.predicted),
                                              coords[:, obs:]).mean(1))
         positions.append(coords)
         if video is None:
             out = model(clip[:1], step=0)
-            video = panel(batch["video"][0], out["reconstruction"][0], out["keypoints"][0],
-                          out["predicted_frames"][0], obs, mcfg.heatmap_size)
+            drawn = model.keypoints(out["states"][0].flatten(1))
+            video = panel(batch["video"][0], out["reconstruction"][0], out["predicted_frames"][0], obs, drawn,
+                          None if drawn is None else mcfg.heatmap_size)
     metrics = {
         "tracking_error_observed": torch.cat(observed).mean().item(),
         "tracking_error_predicted": torch.cat(predicted).mean().item(),
         "tracking_error_no_dynamics": torch.cat(held).mean().item(),
         "tracking_error_null": tracking.null_error(fit_positions.cpu(), torch.cat(positions).cpu()),
-        **tracking.objects_found(torch.cat(nearest), mcfg.image_size),
     }
+    if nearest:
+        metrics.update(tracking.objects_found(torch.cat(nearest), mcfg.image_size))
     model.train(was_training)
     return metrics, video

@@ -1,5 +1,5 @@
-"""Keypoint tracking error (paper Sec. 5.2): fit a linear map from keypoints (x, y, mu) to the
-ground-truth object positions on training clips, then measure the mean distance between mapped
+"""Tracking error (paper Sec. 5.2): fit a linear map from a model's states (keypoints (x, y, mu)
+flattened, or CNN-VRNN's feature vector) to the ground-truth object positions on training clips, then measure the mean distance between mapped
 and true positions on held-out clips, in pixels. The null model predicts each object's mean
 training position; a model whose keypoints track objects must be well below it. Predicted
 futures are scored by the best of several samples and compared with "no dynamics", the last
@@ -13,23 +13,23 @@ from torch import Tensor
 from kpscale.evaluate.media import keypoint_pixels
 
 
-def features(keypoints: Tensor) -> Tensor:
-    """[..., K, 3] -> [..., 3K + 1]: flattened keypoints and a constant for the offset."""
-    flat = keypoints.flatten(-2).double()
-    return torch.cat([flat, torch.ones_like(flat[..., :1])], -1)
+def features(states: Tensor) -> Tensor:
+    """[..., D] -> [..., D + 1]: the states and a constant for the offset."""
+    states = states.double()
+    return torch.cat([states, torch.ones_like(states[..., :1])], -1)
 
 
-def fit(keypoints: Tensor, positions: Tensor, ridge: float = 1e-4) -> Tensor:
+def fit(states: Tensor, positions: Tensor, ridge: float = 1e-4) -> Tensor:
     """Least squares (slightly ridge-regularised, since unused keypoints make columns
-    collinear) from keypoints [M, K, 3] to positions [M, N, 2]; returns weights [3K + 1, 2N]."""
-    x, y = features(keypoints), positions.flatten(-2).double()
+    collinear) from states [M, D] to positions [M, N, 2]; returns weights [D + 1, 2N]."""
+    x, y = features(states), positions.flatten(-2).double()
     gram = x.T @ x + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     return torch.linalg.solve(gram, x.T @ y)
 
 
-def apply(weights: Tensor, keypoints: Tensor) -> Tensor:
-    """Keypoints [..., K, 3] -> positions [..., N, 2]."""
-    return (features(keypoints) @ weights).unflatten(-1, (-1, 2)).float()
+def apply(weights: Tensor, states: Tensor) -> Tensor:
+    """States [..., D] -> positions [..., N, 2]."""
+    return (features(states) @ weights).unflatten(-1, (-1, 2)).float()
 
 
 def distance(predicted: Tensor, positions: Tensor) -> Tensor:
@@ -37,10 +37,10 @@ def distance(predicted: Tensor, positions: Tensor) -> Tensor:
     return (predicted - positions).norm(dim=-1)
 
 
-def per_step_errors(weights: Tensor, keypoints: Tensor, positions: Tensor) -> Tensor:
-    """Error [B, T] (mean over objects) of keypoints [B, T, K, 3] mapped onto positions [B, T, N, 2]:
+def per_step_errors(weights: Tensor, states: Tensor, positions: Tensor) -> Tensor:
+    """Error [B, T] (mean over objects) of states [B, T, D] mapped onto positions [B, T, N, 2]:
     observed steps, or a deterministic baseline such as `no_dynamics`."""
-    return distance(apply(weights, keypoints), positions).mean(-1)
+    return distance(apply(weights, states), positions).mean(-1)
 
 
 def null_error_per_step(train_positions: Tensor, test_positions: Tensor) -> Tensor:
@@ -55,10 +55,10 @@ def null_error(train_positions: Tensor, test_positions: Tensor) -> float:
     return null_error_per_step(train_positions, test_positions).mean().item()
 
 
-def no_dynamics(keypoints_observed: Tensor, steps: int) -> Tensor:
-    """The paper's "no dynamics" baseline: the last of keypoints [B, T_obs, K, 3] held for
-    `steps` future steps -> [B, steps, K, 3]. A dynamics model must beat it to earn its keep."""
-    return keypoints_observed[:, -1:].repeat(1, steps, 1, 1)
+def no_dynamics(observed: Tensor, steps: int) -> Tensor:
+    """The paper's "no dynamics" baseline: the last of the observed states [B, T_obs, ...] held
+    for `steps` future steps -> [B, steps, ...]. A dynamics model must beat it to earn its keep."""
+    return observed[:, -1:].expand(-1, steps, *observed.shape[2:])
 
 
 def nearest_keypoint_distance(keypoints: Tensor, positions: Tensor, heatmap_size: int, image_size: int,
@@ -84,7 +84,7 @@ def objects_found(distances: Tensor, image_size: int) -> dict[str, float]:
 
 def best_of_samples(weights: Tensor, sampled: Tensor, positions: Tensor, per_object: bool = False) -> Tensor:
     """Per-step error [B, T] (mean over objects) of the sampled future closest to the truth:
-    sampled keypoints [B, S, T, K, 3], positions [B, T, N, 2]; `.mean(1)` gives the per-clip error.
+    sampled states [B, S, T, D], positions [B, T, N, 2]; `.mean(1)` gives the per-clip error.
 
     As the paper (Sec. 5.2) does to account for stochasticity: the best sample is chosen once per
     clip by its mean error over all steps and objects (Human3.6M), or with `per_object` once per

@@ -1,4 +1,5 @@
-"""Pixels <-> keypoints: the keypoint detector, the image decoder and the maps between them.
+"""Pixels <-> keypoints: the keypoint detector, the image decoder and the maps between them,
+and the convolutional pieces they are built from (which CNN-VRNN shares).
 
 Coordinates follow the official Struct-VRNN code: x in [-1, 1] from left to right, y in
 [1, -1] from top to bottom (positive is up), so a keypoint (x, y) reads like a plot, not like
@@ -111,18 +112,19 @@ class KeypointDetector(nn.Module):
 
 
 class ImageDecoder(nn.Module):
-    """Keypoints [B, T, K, 3] plus the first frame and its keypoints -> frames [B, T, 3, H, W].
+    """Maps at a quarter of the image size [B, T, C, H/4, W/4] (one Gaussian per keypoint for
+    Struct-VRNN, a learned projection of a feature vector for CNN-VRNN) plus the first frame and
+    its maps -> frames [B, T, 3, H, W].
 
-    The decoder sees the current keypoint maps, appearance features of the first frame, the
-    first frame's keypoint maps (to inpaint what objects covered there) and coordinate
-    channels; it predicts the change from the first frame."""
+    The decoder sees the current maps, appearance features of the first frame, the first
+    frame's maps (to inpaint what objects covered there) and coordinate channels; it predicts
+    the change from the first frame."""
 
-    def __init__(self, num_keypoints: int, filters: int, layers_per_scale: int, sigma: float):
+    def __init__(self, map_channels: int, filters: int, layers_per_scale: int):
         super().__init__()
-        self.sigma = sigma
         self.appearance = ImageEncoder(3, filters, layers_per_scale)
         width = self.appearance.out_channels
-        layers = [conv(2 * num_keypoints + width + 2, width, kernel=1)]
+        layers = [conv(2 * map_channels + width + 2, width, kernel=1)]
         for _ in range(2):
             layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True))
             layers.append(conv(width, width // 2))
@@ -131,12 +133,10 @@ class ImageDecoder(nn.Module):
         layers.append(conv(width, 3, kernel=1, act=False))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, keypoints: Tensor, first_frame: Tensor, first_keypoints: Tensor) -> Tensor:
-        b, t = keypoints.shape[:2]
+    def forward(self, maps: Tensor, first_frame: Tensor, first_maps: Tensor) -> Tensor:
+        b, t = maps.shape[:2]
         features = self.appearance(channels_last(first_frame))  # [B, C, h, w]
-        size = features.shape[-1]
-        maps = keypoints_to_maps(keypoints, size, self.sigma).to(features.dtype)
-        first_maps = keypoints_to_maps(first_keypoints, size, self.sigma).to(features.dtype)
+        maps, first_maps = maps.to(features.dtype), first_maps.to(features.dtype)
         context = torch.cat([features, first_maps], 1)[:, None].expand(-1, t, -1, -1, -1)
         x = torch.cat([maps, context], 2).flatten(0, 1)
         out = self.net(channels_last(add_coord_channels(x))).unflatten(0, (b, t))

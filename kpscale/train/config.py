@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 
 from kpscale.config import Config, load
 from kpscale.data.stream import DataConfig
-from kpscale.models import StructVRNNConfig
+from kpscale.models import ModelConfig, StructVRNNConfig
 
 DEFAULT = Path(__file__).parents[1] / "models" / "struct_vrnn" / "configs" / "basketball_cpu.yaml"
 
@@ -48,7 +48,7 @@ class TrackingSection(Config):
 
 
 class TrainConfig(Config):
-    model: StructVRNNConfig = StructVRNNConfig()
+    model: ModelConfig = StructVRNNConfig()
     data: DataConfig = DataConfig()
     train: TrainSection = TrainSection()
     tracking: TrackingSection = TrackingSection()

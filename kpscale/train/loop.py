@@ -144,11 +144,11 @@ def _evaluate(engine, cfg: TrainConfig, device: torch.device, step: int, rank: i
     if rank != 0:
         return metrics
     mlflow.log_metrics(metrics, step=step)
+    found = (f"; a keypoint on {metrics['objects_found']:.0f} of "
+             f"{sum(name.startswith('keypoint_distance/') for name in metrics)} objects" if "objects_found" in metrics else "")
     log.info("step %d: tracking error %.2f px observed, %.2f px predicted (best of %d), no dynamics %.2f px, "
-             "null model %.2f px; a keypoint on %d of %d objects", step, metrics["tracking_error_observed"],
-             metrics["tracking_error_predicted"], cfg.model.num_samples, metrics["tracking_error_no_dynamics"],
-             metrics["tracking_error_null"],
-             metrics["objects_found"], sum(name.startswith("keypoint_distance/") for name in metrics))
+             "null model %.2f px%s", step, metrics["tracking_error_observed"], metrics["tracking_error_predicted"],
+             cfg.model.num_samples, metrics["tracking_error_no_dynamics"], metrics["tracking_error_null"], found)
     with tempfile.TemporaryDirectory() as folder:
         mlflow.log_artifact(str(save_gif(video, f"{folder}/step-{step:07d}.gif")), artifact_path="videos")
     return metrics
