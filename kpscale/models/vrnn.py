@@ -164,13 +164,14 @@ class VRNN(nn.Module):
 class VRNNVideoModel(nn.Module):
     """A video model that encodes each frame to a state, renders frames from states and the
     first frame, and predicts states with the VRNN: what Struct-VRNN (keypoints) and CNN-VRNN
-    (a feature vector) share. A family supplies `encode`, `render` and `representation_terms`
-    (its own losses, weighted by the config's `<term>_weight`)."""
+    (a feature vector) share. A family builds its image model, then `self.dynamics =
+    VRNN(state_size, cfg)` (last, so that a seed draws the image model's weights first), and
+    supplies `encode`, `render` and `representation_terms` (its own losses, weighted by the
+    config's `<term>_weight`)."""
 
-    def __init__(self, cfg: VRNNConfig, state_size: int):
+    def __init__(self, cfg: VRNNConfig):
         super().__init__()
         self.cfg = cfg
-        self.dynamics = VRNN(state_size, cfg)
 
     def encode(self, frames: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Frames [B, T, 3, H, W] in [-0.5, 0.5] -> states [B, T, ...] and what the family's

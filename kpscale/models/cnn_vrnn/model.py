@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kpscale.models.keypoints import ImageDecoder, ImageEncoder, add_coord_channels, channels_last
-from kpscale.models.vrnn import VRNNConfig, VRNNVideoModel
+from kpscale.models.vrnn import VRNN, VRNNConfig, VRNNVideoModel
 
 
 class CNNVRNNConfig(VRNNConfig):
@@ -50,10 +50,11 @@ class CNNVRNN(VRNNVideoModel):
     Its states are vectors [B, T, D]; no keypoints, so no separation or sparsity loss."""
 
     def __init__(self, cfg: CNNVRNNConfig):
-        super().__init__(cfg, cfg.representation_size)
+        super().__init__(cfg)
         self.encoder = FeatureEncoder(cfg)
         self.to_maps = nn.Linear(cfg.representation_size, cfg.map_channels * cfg.feature_size**2)
         self.decoder = ImageDecoder(cfg.map_channels, cfg.filters, cfg.layers_per_scale)
+        self.dynamics = VRNN(cfg.representation_size, cfg)
 
     def encode(self, frames: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return self.encoder(frames), {}

@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kpscale.models.keypoints import EPS, ImageDecoder, KeypointDetector, coordinate_grid, keypoints_to_maps
-from kpscale.models.vrnn import VRNNConfig, VRNNVideoModel
+from kpscale.models.vrnn import VRNN, VRNNConfig, VRNNVideoModel
 
 
 class StructVRNNConfig(VRNNConfig):
@@ -154,10 +154,11 @@ class StructVRNN(VRNNVideoModel):
     their logits."""
 
     def __init__(self, cfg: StructVRNNConfig):
-        super().__init__(cfg, 3 * cfg.num_keypoints)
+        super().__init__(cfg)
         k, f, lps = cfg.num_keypoints, cfg.filters, cfg.layers_per_scale
         self.detector = KeypointDetector(k, f, lps)
         self.decoder = ImageDecoder(k, f, lps)
+        self.dynamics = VRNN(3 * k, cfg)
 
     def encode(self, frames: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         keypoints, heatmaps, logits = self.detector(frames)
