@@ -1,4 +1,5 @@
 """python -m kpscale.compare RUN [RUN ...] --data SHARDS [evaluate options] [--label RUN=NAME]
+python -m kpscale.compare --sweep SWEEP_RUN_ID --data SHARDS [...]
 
 Evaluates every run on the same held-out clips with the same samples (as `kpscale.evaluate`)
 and compares them as the paper's Figures 4-6 do: runs whose configs differ only in the seed
@@ -7,7 +8,8 @@ each metric is reported as the mean over its runs with a 95% interval (Student's
 table of the headline metrics and one per-frame table per curve (predicted tracking error, best
 of N, beside each model's no-dynamics line and the null model; PSNR/SSIM/VGG cosine of the
 closest and furthest sample), plots each, and logs it all to an MLflow run "compare" whose
-children are the runs' evaluations.
+children are the runs' evaluations. `--sweep` takes the finished trials of a sweep (the sweep's
+MLflow run; tuning/baselines.yaml runs the paper's models x seeds grid).
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ def _format(rows: list[list[str]]) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kpscale.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="MLflow run ids of training runs, or model folders")
+    parser.add_argument("runs", nargs="*", metavar="RUN", help="MLflow run ids of training runs, or model folders")
+    parser.add_argument("--sweep", metavar="RUN_ID", help="also every finished trial of this sweep (its MLflow run id)")
     parser.add_argument("--label", action="append", default=[], metavar="RUN=NAME",
                         help="name the model of RUN (runs of one name are pooled); default: from the configs")
     add_evaluation_options(parser)
@@ -130,11 +133,34 @@ def _labels_given(specs: list[str], runs: list[str]) -> dict[str, str]:
     return given
 
 
+def sweep_trials(sweep_run_id: str, uri: str | None) -> list[str]:
+    """The training runs of a sweep's finished trials, oldest first."""
+    import mlflow
+
+    from kpscale.tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(uri))
+    try:
+        sweep = client.get_run(sweep_run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ConfigError(f"--sweep {sweep_run_id}: no such MLflow run in {tracking_uri(uri)}") from None
+    trials = client.search_runs([sweep.info.experiment_id], f"tags.mlflow.parentRunId = '{sweep_run_id}' and "
+                                "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"])
+    runs = [t.info.run_id for t in trials if t.data.tags.get("kind") != "evaluation"]
+    if not runs:
+        raise ConfigError(f"--sweep {sweep_run_id}: the run has no finished trials")
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.setup()
-    common = {k: v for k, v in vars(args).items() if v is not None and k not in ("runs", "label", "per_clip")}
+    common = {k: v for k, v in vars(args).items() if v is not None and k not in ("runs", "label", "per_clip", "sweep")}
     try:
+        if args.sweep:
+            args.runs += sweep_trials(args.sweep, args.tracking_uri)
+        if not args.runs:
+            raise ConfigError("give the runs to compare: RUN ... and/or --sweep SWEEP_RUN_ID")
         if len(set(args.runs)) != len(args.runs):
             raise ConfigError("a RUN is given twice")
         given = _labels_given(args.label, args.runs)

@@ -25,7 +25,54 @@ def test_shipped_sweeps_are_valid(path):
     sweep = load_sweep(path)
     assert sweep.cfg.space and sweep.cfg.name == path.stem
     for key, param in sweep.cfg.space.items():
-        assert sweep.trial_config({key: param.values[0]}).flat()[key] == param.values[0]
+        if key != "base":
+            assert sweep.trial_config({key: param.values[0]}).flat()[key] == param.values[0]
+
+
+def test_the_baselines_sweep_is_the_papers_models_by_seeds_grid():
+    sweep = load_sweep(ROOT / "tuning" / "baselines.yaml")
+    assert sweep.cfg.scheduler.type == "fifo" and sweep.cfg.metric == "tracking_error_predicted"
+    models = {}
+    for base in sweep.cfg.space["base"].values:
+        for seed in sweep.cfg.space["train.seed"].values:
+            cfg = sweep.trial_config({"base": base, "train.seed": seed})
+            assert cfg.train.seed == seed and cfg.train.steps == 2400  # every model at the default's budget
+            models.setdefault((cfg.model.name, cfg.model.latent_size, cfg.model.num_samples), []).append(seed)
+    assert models == {("struct_vrnn", 16, 10): [0, 1, 2], ("struct_vrnn", 0, 1): [0, 1, 2],
+                      ("cnn_vrnn", 16, 10): [0, 1, 2]}
+
+
+def test_a_base_grid_is_checked_per_base_and_refused_by_pbt(tmp_path):
+    struct = ROOT / "kpscale/models/struct_vrnn/configs/basketball_cpu.yaml"
+    cnn = ROOT / "kpscale/models/cnn_vrnn/configs/basketball_cpu.yaml"
+    with pytest.raises(ConfigError, match="nowhere.yaml does not exist"):
+        load_sweep(TINY_SWEEP, [f"space={{base: {{grid: [{struct}, {tmp_path / 'nowhere.yaml'}]}}}}"])
+    with pytest.raises(ConfigError, match=r"space.model.num_keypoints: unknown training config key \(in .*cnn_vrnn"):
+        load_sweep(TINY_SWEEP, ["overrides=[]", f"space={{base: {{grid: [{struct}, {cnn}]}}, "
+                                                "model.num_keypoints: {grid: [8, 12]}}"])
+    with pytest.raises(ConfigError, match="pbt cannot mutate the config a trial starts from"):
+        load_sweep(TINY_SWEEP, ["overrides=[]", "scheduler.type=pbt", "scheduler.perturbation_interval=400",
+                                f"space={{base: {{choice: [{struct}, {cnn}]}}}}"])
+
+
+def test_compare_takes_the_finished_trials_of_a_sweep(tmp_path):
+    from kpscale.compare import sweep_trials
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("kpscale")
+    sweep = client.create_run(experiment).info.run_id
+
+    def child(status: str, **tags) -> str:
+        run = client.create_run(experiment, tags={"mlflow.parentRunId": sweep, **tags}).info.run_id
+        client.set_terminated(run, status)
+        return run
+    finished = [child("FINISHED"), child("FINISHED")]
+    child("KILLED"), child("FAILED"), child("FINISHED", kind="evaluation")
+    client.set_terminated(client.create_run(experiment).info.run_id)  # not the sweep's
+    assert sorted(sweep_trials(sweep, uri)) == sorted(finished)
+    with pytest.raises(ConfigError, match="no finished trials"):
+        sweep_trials(finished[0], uri)
 
 
 def test_basketball_sweep_covers_the_papers_knobs():

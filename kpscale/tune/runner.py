@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from kpscale.config import with_values
 from kpscale.tune.sweep import Sweep
 
 log = logging.getLogger("kpscale.tune")
@@ -24,8 +23,8 @@ def run_sweep(sweep: Sweep) -> dict:
     base = with_default_data(sweep.base_config)  # before any Ray resources: may build the default data
     uri = tracking_uri(base.tracking.uri)
     # Trials run in their own working folders: every path they see must be absolute.
-    sweep.base_tree = with_values(sweep.base_tree, {"data.train": _absolute(base.data.train),
-                                                    "data.test": _absolute(base.data.test), "tracking.uri": uri})
+    sweep.values.update({"data.train": _absolute(base.data.train), "data.test": _absolute(base.data.test),
+                         "tracking.uri": uri})
     start_ray()
     check_fits_cluster(base)
     parent = open_run(uri, base.tracking.experiment, f"{sweep.folder}/mlflow_run_id", sweep.cfg.name, sweep.cfg,

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kpscale.config import Config, ConfigError, apply_overrides, read_yaml, validate, with_values
+from kpscale.config import Config, ConfigError, apply_overrides, read_config, read_yaml, validate, with_values
 from kpscale.train.config import DEFAULT as DEFAULT_TRAIN_CONFIG
 from kpscale.train.config import TrainConfig
 
@@ -84,7 +84,9 @@ class SweepConfig(Config):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # the same name again restores the sweep
     base: str | None = None  # training config, relative to the sweep file; None: the package default
     overrides: list[str] = []  # key=value applied to the base, before the swept values
-    space: dict[str, Param] = Field(min_length=1)  # dotted training-config key -> distribution
+    # Dotted training-config key -> distribution; `base` (grid or choice of config files,
+    # relative to the sweep file) varies the config each trial starts from, e.g. the model family.
+    space: dict[str, Param] = Field(min_length=1)
     num_samples: int = Field(1, ge=1)  # random draws; with grids, repeats of the whole grid
     metric: str = "tracking_error_observed"
     mode: Literal["min", "max"] = "min"
@@ -101,23 +103,44 @@ class SweepConfig(Config):
         return metric
 
 
-class Sweep:
-    """A validated sweep: its config and the base training config tree every trial starts from."""
+BASE = "base"  # a space key of its own: the training config file each trial starts from
 
-    def __init__(self, cfg: SweepConfig, base_tree: dict[str, Any], source: str):
-        self.cfg, self.base_tree, self.source = cfg, base_tree, source
+
+class Sweep:
+    """A validated sweep: its config, and the training config tree every trial starts from
+    (its base file, or the space's `base` value, then the sweep's overrides and `values`)."""
+
+    def __init__(self, cfg: SweepConfig, folder: Path, to_base: list[str], source: str):
+        self.cfg, self.source = cfg, source
+        self._folder, self._to_base = folder, to_base
+        r = cfg.resources_per_trial
+        # Dotted values every trial's config gets (the runner adds absolute data paths and the store).
+        self.values: dict[str, Any] = {"train.workers": r.workers, "train.cpus_per_worker": r.cpus_per_worker,
+                                       "train.use_gpu": r.use_gpu}
 
     @property
     def folder(self) -> str:
         storage = self.cfg.storage if "://" in self.cfg.storage else str(Path(self.cfg.storage).resolve())
         return f"{storage}/{self.cfg.name}"
 
+    def base_path(self, base: str | None) -> Path:
+        """A base config file as the sweep file names it (relative to the sweep file); None: the package default."""
+        return (self._folder / base) if base else DEFAULT_TRAIN_CONFIG
+
+    def tree(self, base: str | None) -> dict[str, Any]:
+        tree = apply_overrides(read_config(self.base_path(base)), [*self.cfg.overrides, *self._to_base])
+        return with_values(tree, self.values)
+
     def trial_config(self, params: dict[str, Any]) -> TrainConfig:
-        return validate(TrainConfig, with_values(self.base_tree, params), f"{self.source} trial {params}")
+        tree = self.tree(params.get(BASE, self.cfg.base))
+        return validate(TrainConfig, with_values(tree, {k: v for k, v in params.items() if k != BASE}),
+                        f"{self.source} trial {params}")
 
     @property
     def base_config(self) -> TrainConfig:
-        return validate(TrainConfig, self.base_tree, self.source)
+        """The sweep's own base: `base`, or the first value the space lists for it."""
+        space = self.cfg.space.get(BASE)
+        return self.trial_config({BASE: space.values[0]} if space else {})
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
@@ -127,29 +150,31 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     to_base = [o for o in overrides if o.split(".", 1)[0] in TRAIN_SECTIONS]
     source = f"{path}" + (f" + overrides {' '.join(overrides)}" if overrides else "")
     cfg = validate(SweepConfig, apply_overrides(read_yaml(path), [o for o in overrides if o not in to_base]), source)
-    base_path = (path.parent / cfg.base) if cfg.base else DEFAULT_TRAIN_CONFIG
-    tree = apply_overrides(read_yaml(base_path), [*cfg.overrides, *to_base])
-    r = cfg.resources_per_trial
-    tree = with_values(tree, {"train.workers": r.workers, "train.cpus_per_worker": r.cpus_per_worker,
-                              "train.use_gpu": r.use_gpu})
-    sweep = Sweep(cfg, tree, source)
+    sweep = Sweep(cfg, path.parent, to_base, source)
     base = sweep.base_config
-    _check_space(sweep, base)
+    _check_space(sweep)
     _check_scheduler(sweep, base)
     return sweep
 
 
-def _check_space(sweep: Sweep, base: TrainConfig) -> None:
-    known = base.flat()
-    for key, param in sweep.cfg.space.items():
-        if key not in known:
-            raise ConfigError(f"{sweep.source}: space.{key}: unknown training config key")
-        for value in param.values:
-            try:
-                sweep.trial_config({key: value})
-            except ConfigError as exc:
-                raise ConfigError(f"{sweep.source}: space.{key}: {param.kind} value {value!r} is refused by the "
-                                  f"training config:\n{str(exc).splitlines()[-1]}") from None
+def _check_space(sweep: Sweep) -> None:
+    bases = sweep.cfg.space[BASE].values if BASE in sweep.cfg.space else [sweep.cfg.base]
+    for base in bases:
+        if not sweep.base_path(base).is_file():
+            raise ConfigError(f"{sweep.source}: space.{BASE}: {sweep.base_path(base)} does not exist")
+        known = sweep.trial_config({BASE: base}).flat()
+        for key, param in sweep.cfg.space.items():
+            if key == BASE:
+                continue
+            if key not in known:
+                raise ConfigError(f"{sweep.source}: space.{key}: unknown training config key"
+                                  + (f" (in {base})" if len(bases) > 1 else ""))
+            for value in param.values:
+                try:
+                    sweep.trial_config({BASE: base, key: value})
+                except ConfigError as exc:
+                    raise ConfigError(f"{sweep.source}: space.{key}: {param.kind} value {value!r} is refused by the "
+                                      f"training config:\n{str(exc).splitlines()[-1]}") from None
 
 
 def _check_scheduler(sweep: Sweep, base: TrainConfig) -> None:
@@ -166,6 +191,8 @@ def _check_scheduler(sweep: Sweep, base: TrainConfig) -> None:
             raise ConfigError(f"{sweep.source}: pbt copies checkpoints: train.checkpoint_every "
                               f"({base.train.checkpoint_every}) must not exceed scheduler.perturbation_interval "
                               f"({s.perturbation_interval})")
+        if BASE in sweep.cfg.space:
+            raise ConfigError(f"{sweep.source}: space.{BASE}: pbt cannot mutate the config a trial starts from")
         for key, param in sweep.cfg.space.items():
             if param.kind == "grid":
                 raise ConfigError(f"{sweep.source}: space.{key}: pbt mutates sampled values; use choice, not grid")
