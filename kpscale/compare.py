@@ -39,7 +39,8 @@ NOT_THE_MODEL = re.compile(r"^(train\.(seed|run_name|storage|init_checkpoint)|tr
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
          2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
          2.045, 2.042]
-HEADLINE = ["tracking_error_predicted", "tracking_error_no_dynamics", "tracking_error_observed",
+HEADLINE = ["tracking_error_predicted", "tracking_error_no_dynamics", "tracking_error_below_no_dynamics",
+            "tracking_error_observed",
             "tracking_error_null", "objects_found", "psnr_closest", "psnr_furthest", "ssim_closest", "ssim_furthest",
             "vgg_cosine_closest", "vgg_cosine_furthest", "fvd"]
 
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
 CURVES = {"tracking_predicted": "tracking error px, predicted (best of the samples)",
           "tracking_no_dynamics": "tracking error px, no dynamics (last observed state held)",
+          "tracking_below_no_dynamics": "tracking error px below no dynamics (no dynamics - predicted; paired per run)",
           "psnr_closest": "PSNR dB, closest sample", "psnr_furthest": "PSNR dB, furthest sample",
           "ssim_closest": "SSIM, closest sample", "ssim_furthest": "SSIM, furthest sample",
           "vgg_cosine_closest": "VGG cosine, closest sample", "vgg_cosine_furthest": "VGG cosine, furthest sample"}

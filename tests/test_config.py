@@ -1,9 +1,11 @@
+import re
+
 import pytest
 
 from kpscale.config import ConfigError, apply_overrides, load, read_config
 from kpscale.data.card import DatasetCard
 from kpscale.data.stream import DataConfig, LoaderConfig
-from conftest import CARD
+from conftest import CARD, ROOT
 
 
 def test_overrides_take_yaml_types():
@@ -73,3 +75,9 @@ def test_extends_starts_from_the_base_file_and_a_renamed_section_replaces_the_ba
     (tmp_path / "missing.yaml").write_text("extends: nowhere.yaml\n")
     with pytest.raises(ConfigError, match="nowhere.yaml does not exist"):
         read_config(tmp_path / "missing.yaml")
+
+
+def test_train_help_lists_every_shipped_training_config():
+    import kpscale.train.__main__ as train_cli
+    listed = set(re.findall(r"kpscale/models/\S+\.yaml", train_cli.__doc__))
+    assert listed == {str(p.relative_to(ROOT)) for p in ROOT.glob("kpscale/models/*/configs/*.yaml")}

@@ -217,7 +217,11 @@ def test_compare_pools_seeds_of_a_model_and_logs_the_runs_as_children(basketball
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_model = {c.data.tags["model"]: c.data.metrics for c in children}
     assert set(by_model) == set(map(str, runs))
-    for name in ("tracking_error_predicted", "psnr_closest"):
+    for child in by_model.values():  # the dynamics' own share, paired within each run
+        assert child["tracking_error_below_no_dynamics"] == pytest.approx(
+            child["tracking_error_no_dynamics"] - child["tracking_error_predicted"], abs=1e-5)
+    assert "below no dynamics (no dynamics - predicted; paired per run), per frame" in result.stdout
+    for name in ("tracking_error_predicted", "psnr_closest", "tracking_error_below_no_dynamics"):
         pooled = np.array([by_model[str(runs[0])][name], by_model[str(runs[1])][name]])
         mean, ci95 = parent.data.metrics[f"{slug(vrnn)}/{name}_mean"], parent.data.metrics[f"{slug(vrnn)}/{name}_ci95"]
         assert mean == pytest.approx(pooled.mean(), rel=1e-6)

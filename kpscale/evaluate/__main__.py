@@ -189,6 +189,7 @@ def summary_table(metrics: dict[str, float], samples: int, criterion: str | None
               "tracking_error_observed": "tracking error px, observed frames",
               "tracking_error_predicted": f"tracking error px, predicted (best of {samples})",
               "tracking_error_no_dynamics": "tracking error px, no dynamics",
+              "tracking_error_below_no_dynamics": "  predicted below no dynamics, px",
               "tracking_error_null": "tracking error px, null model",
               "objects_found": "objects with a keypoint on them"}
     rows += [(label, f"{metrics[key]:.4g}") for key, label in labels.items() if key in metrics]

@@ -138,4 +138,8 @@ def summarise(parts: list[PartResult], observed: int, image_size: int) -> tuple[
             metrics[f"tracking_error_{name}"] = curve.mean()
             # Laid on the clip's frames, NaN where a curve has no value.
             curves[f"tracking_{name}"] = np.concatenate([curve, after] if name == "observed" else [before, curve])
+        # The dynamics' own share, paired within the run: the keypoints (or vector) both rest on cancel.
+        metrics["tracking_error_below_no_dynamics"] = (metrics["tracking_error_no_dynamics"]
+                                                       - metrics["tracking_error_predicted"])
+        curves["tracking_below_no_dynamics"] = curves["tracking_no_dynamics"] - curves["tracking_predicted"]
     return metrics, curves

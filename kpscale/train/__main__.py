@@ -4,6 +4,13 @@ Trains a model with Ray Train workers running DeepSpeed. With no --config it tra
 Struct-VRNN on the basketball data, building that data first if it is missing. With no Ray
 address it starts a local Ray; with RAY_ADDRESS, or inside `ray job submit`, it joins the
 cluster. Starting the same run (train.run_name) again resumes from its latest checkpoint.
+
+Shipped configs (model.name picks the family):
+  kpscale/models/struct_vrnn/configs/basketball_cpu.yaml      Struct-VRNN, CPU-sized (the default)
+  kpscale/models/struct_vrnn/configs/basketball_cpu_rnn.yaml  Struct-RNN baseline (deterministic)
+  kpscale/models/struct_vrnn/configs/paper_basketball.yaml    the paper's settings, K=12 (GPU-sized)
+  kpscale/models/struct_vrnn/configs/paper_human36m.yaml      the paper's settings, K=48 (GPU-sized)
+  kpscale/models/cnn_vrnn/configs/basketball_cpu.yaml         CNN-VRNN baseline (no keypoints)
 """
 
 from __future__ import annotations
