@@ -38,8 +38,14 @@ def local_cluster(tmp_path):
     env = {**os.environ, "KPSCALE_CLUSTER_DIR": str(tmp_path / "cluster"), "KPSCALE_BIN": VENV_BIN,
            "RAY_PORT": str(_free_port()), "RAY_DASHBOARD_PORT": str(_free_port()), "MLFLOW_PORT": str(_free_port()),
            "RAY_NUM_CPUS": "2", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-    started = _cluster(env, "start")
-    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+    try:
+        started = _cluster(env, "start")
+    except subprocess.TimeoutExpired:
+        _cluster(env, "stop")  # what did start (a Ray head, an MLflow server) must not outlive the test
+        raise
+    if started.returncode != 0:
+        _cluster(env, "stop")
+        pytest.fail(started.stdout[-3000:] + started.stderr[-3000:])
     for line in (tmp_path / "cluster" / "env").read_text().splitlines():
         key, value = line.removeprefix("export ").split("=", 1)
         env[key] = value
