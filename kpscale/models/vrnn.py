@@ -15,6 +15,7 @@ from kpscale.config import Config
 
 
 class VRNNConfig(Config):
+    name: str  # the family, first in dumps and logs; each family's config fixes it (a Literal)
     image_size: Literal[64, 128] = 64
     filters: int = Field(32, ge=1)  # encoder width at full resolution; x2 at each of two downsamplings
     layers_per_scale: int = Field(2, ge=1)
