@@ -112,7 +112,11 @@ class Sweep:
 
     def __init__(self, cfg: SweepConfig, folder: Path, to_base: list[str], source: str):
         self.cfg, self.source = cfg, source
-        self._folder, self._to_base = folder, to_base
+        self._folder = folder
+        # Each base file read once, here: trials run on other nodes, where the files may not be.
+        self.bases = cfg.space[BASE].values if BASE in cfg.space else [cfg.base]
+        self._trees = {base: apply_overrides(read_config(self.base_path(base)), [*cfg.overrides, *to_base])
+                       for base in self.bases if self.base_path(base).is_file()}
         r = cfg.resources_per_trial
         # Dotted values every trial's config gets (the runner adds absolute data paths and the store).
         self.values: dict[str, Any] = {"train.workers": r.workers, "train.cpus_per_worker": r.cpus_per_worker,
@@ -128,19 +132,19 @@ class Sweep:
         return (self._folder / base) if base else DEFAULT_TRAIN_CONFIG
 
     def tree(self, base: str | None) -> dict[str, Any]:
-        tree = apply_overrides(read_config(self.base_path(base)), [*self.cfg.overrides, *self._to_base])
-        return with_values(tree, self.values)
+        if base not in self._trees:
+            raise ConfigError(f"{self.source}: base {base!r}: {self.base_path(base)} does not exist")
+        return with_values(self._trees[base], self.values)
 
     def trial_config(self, params: dict[str, Any]) -> TrainConfig:
-        tree = self.tree(params.get(BASE, self.cfg.base))
+        tree = self.tree(params.get(BASE, self.bases[0]))
         return validate(TrainConfig, with_values(tree, {k: v for k, v in params.items() if k != BASE}),
                         f"{self.source} trial {params}")
 
     @property
     def base_config(self) -> TrainConfig:
         """The sweep's own base: `base`, or the first value the space lists for it."""
-        space = self.cfg.space.get(BASE)
-        return self.trial_config({BASE: space.values[0]} if space else {})
+        return self.trial_config({})
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
@@ -151,24 +155,23 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     source = f"{path}" + (f" + overrides {' '.join(overrides)}" if overrides else "")
     cfg = validate(SweepConfig, apply_overrides(read_yaml(path), [o for o in overrides if o not in to_base]), source)
     sweep = Sweep(cfg, path.parent, to_base, source)
-    base = sweep.base_config
     _check_space(sweep)
-    _check_scheduler(sweep, base)
+    _check_scheduler(sweep, sweep.base_config)
     return sweep
 
 
 def _check_space(sweep: Sweep) -> None:
-    bases = sweep.cfg.space[BASE].values if BASE in sweep.cfg.space else [sweep.cfg.base]
-    for base in bases:
+    for base in sweep.bases:
         if not sweep.base_path(base).is_file():
-            raise ConfigError(f"{sweep.source}: space.{BASE}: {sweep.base_path(base)} does not exist")
+            where = f"space.{BASE}" if BASE in sweep.cfg.space else BASE
+            raise ConfigError(f"{sweep.source}: {where}: {sweep.base_path(base)} does not exist")
         known = sweep.trial_config({BASE: base}).flat()
         for key, param in sweep.cfg.space.items():
             if key == BASE:
                 continue
             if key not in known:
                 raise ConfigError(f"{sweep.source}: space.{key}: unknown training config key"
-                                  + (f" (in {base})" if len(bases) > 1 else ""))
+                                  + (f" (in {base})" if len(sweep.bases) > 1 else ""))
             for value in param.values:
                 try:
                     sweep.trial_config({BASE: base, key: value})
