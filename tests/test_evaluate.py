@@ -17,6 +17,7 @@ from kpscale.evaluate.evaluator import PartResult
 from kpscale.evaluate.frames import VGG16
 from kpscale.evaluate.fvd import fvd
 from kpscale.evaluate.i3d import I3D
+from kpscale.evaluate.snapshot import fixed_batches
 from kpscale.evaluate.trajectories import read_trajectories
 from kpscale.models import build_model
 from kpscale.train.config import load_train_config
@@ -113,15 +114,35 @@ def _check_run(trained_run, result, clips=CLIPS):
     return m
 
 
-def test_evaluate_logs_every_metric_plot_and_trajectory(trained_run, basketball):
-    _check_run(trained_run, evaluate(trained_run, basketball))
+def test_parts_hold_exactly_the_first_clips_whatever_their_number(basketball):
+    """--clips 7 at batch 3 is 7 clips, the same 7 on one part or split over 3 or 7 (Ray tasks)."""
+    data = load_train_config(None, [f"data.train={basketball / 'train'}"]).data.model_copy(update={"batch_size": 3})
+
+    def keys(world: int) -> list[str]:
+        return [k for rank in range(world) for b in fixed_batches(str(basketball / "test"), data, 4, 7, rank, world)
+                for k in b["key"]]
+    alone = keys(1)
+    assert len(alone) == 7 and keys(3) == alone and keys(7) == alone
+    assert len(set(alone)) == 7
+    every = [k for b in fixed_batches(str(basketball / "test"), data, 4, None) for k in b["key"]]
+    assert every[:7] == alone and len(every) > 7
+
+
+@pytest.fixture(scope="module")
+def in_process(trained_run, basketball):
+    """The metrics of one evaluation in the evaluating process, checked whole."""
+    return _check_run(trained_run, evaluate(trained_run, basketball))
+
+
+def test_evaluate_logs_every_metric_plot_and_trajectory(in_process):
+    assert in_process["clips"] == CLIPS
 
 
 @pytest.mark.slow
-def test_evaluate_over_ray_workers_matches_in_process(trained_run, basketball):
+def test_evaluate_over_ray_workers_matches_in_process(trained_run, basketball, in_process):
     """Clips split over Ray tasks: the same clips, so the same deterministic metrics."""
-    single = _check_run(trained_run, evaluate(trained_run, basketball, "--clips", "10"), clips=10)
-    spread = _check_run(trained_run, evaluate(trained_run, basketball, "--clips", "10", "--workers", "2"), clips=10)
+    single = in_process
+    spread = _check_run(trained_run, evaluate(trained_run, basketball, "--workers", "2"))
     for name in ("tracking_error_observed", "tracking_error_null", "tracking_error_no_dynamics",
                  "keypoint_distance/object_0", "objects_found"):
         assert spread[name] == pytest.approx(single[name], rel=1e-5), name

@@ -121,7 +121,8 @@ def test_local_cluster_jobs_log_to_the_mlflow_server(local_cluster, basketball, 
 
     # A sweep submitted as a job: a parent run and one nested run per trial on the server.
     sweep = _job(env, "submit", "--working-dir", ".", "--", "python", "-m", "kpscale.tune", "--sweep",
-                 "tuning/tiny.yaml", "space={train.lr: {grid: [0.01, 1.0e-7]}}", f"storage={tmp_path / 'sweeps'}",
+                 "tuning/tiny.yaml", "space={train.lr: {grid: [0.01, 1.0e-7]}}", "train.steps=4",
+                 f"storage={tmp_path / 'sweeps'}",
                  f"data.train={basketball / 'train'}", f"data.test={basketball / 'test'}")
     assert sweep.returncode == 0 and "succeeded" in sweep.stdout, sweep.stdout[-3000:] + sweep.stderr[-3000:]
     (parent,) = _runs(env, "tags.sweep = 'true'")

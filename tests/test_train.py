@@ -217,7 +217,7 @@ def test_two_workers_zero2_checkpoint_then_resume(basketball, tmp_path):
 @pytest.mark.slow
 def test_run_survives_a_killed_worker(basketball, tmp_path):
     cmd = [sys.executable, "-m", "kpscale.train", *TINY, f"data.train={basketball / 'train'}", "train.workers=2",
-           "train.cpus_per_worker=1", "train.steps=40", "train.checkpoint_every=5", "train.max_failures=2",
+           "train.cpus_per_worker=1", "train.steps=20", "train.checkpoint_every=5", "train.max_failures=2",
            f"train.storage={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
            "train.run_name=kill-test"]
     log = open(tmp_path / "log", "w+")
@@ -242,7 +242,7 @@ def test_run_survives_a_killed_worker(basketball, tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = _run(client, tmp_path)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert steps[-1] == 40 and run.info.status == "FINISHED"
+    assert steps[-1] == 20 and run.info.status == "FINISHED"
 
 
 def _train_and_evaluate(basketball, tmp_path, *args: str, tiny=TINY):

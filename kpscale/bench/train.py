@@ -69,18 +69,15 @@ def _reader(cfg: TrainConfig, clips: int) -> float:
 
 
 def _ray_run(cfg: TrainConfig, work: Path, name: str) -> dict[str, list[float]]:
-    """A real `kpscale.train` run; its metric histories from MLflow."""
-    import ray
-
-    from kpscale.train.launch import run
+    """A real `kpscale.train` run on the Ray started by `run`; its metric histories from MLflow.
+    Each run's workers are new actor processes, so a peak memory is that run's own."""
+    from kpscale.train.launch import check_fits_cluster, fit
     uri = f"sqlite:///{work / 'mlflow.db'}"
     cfg = cfg.model_copy(update={
         "train": cfg.train.model_copy(update={"storage": str(work / "runs"), "run_name": name}),
         "tracking": cfg.tracking.model_copy(update={"uri": uri, "experiment": "bench"})})
-    try:
-        run(cfg)
-    finally:
-        ray.shutdown()
+    check_fits_cluster(cfg)
+    fit(cfg)
     client = mlflow.MlflowClient(uri)
     (found,) = client.search_runs([client.get_experiment_by_name("bench").experiment_id],
                                   filter_string=f"attributes.run_name = '{name}'")
@@ -89,6 +86,9 @@ def _ray_run(cfg: TrainConfig, work: Path, name: str) -> dict[str, list[float]]:
 
 
 def run(args: argparse.Namespace) -> dict:
+    import ray
+
+    from kpscale.train.launch import start_ray
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -100,20 +100,25 @@ def run(args: argparse.Namespace) -> dict:
             "train.eval_clips=8", f"train.checkpoint_every={10**9}", "train.warmup_steps=1", *args.overrides])
         print(f"bare PyTorch loop, {steps} steps ...", flush=True)
         bare = _bare_loop(base, steps)
-        print("one Ray Train + DeepSpeed worker ...", flush=True)
-        single = _ray_run(base, work, "single")
-        ray_rate = sum(single["train/clips_per_s"][1:]) / len(single["train/clips_per_s"][1:])  # first window warms up
         print("reader alone ...", flush=True)
         reader = _reader(base, 512)
-        memory = {}
-        for stage in (0, 2, 3):
-            print(f"two workers, ZeRO-{stage} ...", flush=True)
-            cfg = load_train_config(args.config, [
-                f"data.train={work / 'data' / 'train'}", f"data.test={work / 'data' / 'test'}",
-                f"train.steps={args.zero_steps}", f"train.log_every={args.zero_steps}", "train.eval_clips=8",
-                "train.warmup_steps=1", "train.workers=2", "train.cpus_per_worker=1", f"train.zero_stage={stage}",
-                *args.overrides])
-            memory[stage] = _ray_run(cfg, work, f"zero{stage}")["system/peak_memory_mb"][-1]
+        # One local Ray for the four runs; the two measurements above run without it.
+        start_ray()
+        try:
+            print("one Ray Train + DeepSpeed worker ...", flush=True)
+            single = _ray_run(base, work, "single")
+            memory = {}
+            for stage in (0, 2, 3):
+                print(f"two workers, ZeRO-{stage} ...", flush=True)
+                cfg = load_train_config(args.config, [
+                    f"data.train={work / 'data' / 'train'}", f"data.test={work / 'data' / 'test'}",
+                    f"train.steps={args.zero_steps}", f"train.log_every={args.zero_steps}", "train.eval_clips=8",
+                    "train.warmup_steps=1", "train.workers=2", "train.cpus_per_worker=1", f"train.zero_stage={stage}",
+                    *args.overrides])
+                memory[stage] = _ray_run(cfg, work, f"zero{stage}")["system/peak_memory_mb"][-1]
+        finally:
+            ray.shutdown()
+        ray_rate = sum(single["train/clips_per_s"][1:]) / len(single["train/clips_per_s"][1:])  # first window warms up
 
     device = "GPU" if torch.cuda.is_available() else f"CPU, {base.train.cpus_per_worker} threads"
     print(f"\nkpscale.bench train: {type(build_model(base.model)).__name__}, batch {base.data.batch_size} x "

@@ -114,11 +114,11 @@ def _run_parts(model, cfg, ecfg: EvaluateConfig, weights, positions, i3d, vgg, t
 
     from kpscale.train.launch import start_ray
     start_ray()
-    parts = 4 * ecfg.workers  # more parts than tasks: a finer progress bar, and stragglers even out
-    limit = None if ecfg.clips is None else math.ceil(ecfg.clips / parts)
+    # More parts than tasks (a finer progress bar, stragglers even out), but none without a clip.
+    parts = min(4 * ecfg.workers, total)
     task = ray.remote(num_cpus=ecfg.cpus_per_worker)(_remote_part)
     shared = [ray.put(x) for x in (model.state_dict(), cfg.model_dump(mode="json"), ecfg.model_dump(mode="json"))]
-    pending = [task.remote(*shared, weights, positions, i3d is not None, vgg is not None, rank, parts, limit)
+    pending = [task.remote(*shared, weights, positions, i3d is not None, vgg is not None, rank, parts, ecfg.clips)
                for rank in range(parts)]
     results = []
     with tqdm(total=parts, unit="part", desc=f"evaluating on {ecfg.workers} Ray workers") as bar:

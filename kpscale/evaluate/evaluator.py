@@ -52,7 +52,8 @@ class PartResult:
 def evaluate_part(model, cfg: TrainConfig, ecfg: EvaluateConfig, weights: torch.Tensor | None,
                   fit_positions: torch.Tensor | None, i3d: FVD | None, vgg, rank: int, world: int,
                   limit: int | None, progress=None) -> PartResult:
-    """Evaluate part `rank` of `world` of the held-out clips (up to `limit`) on the model's device.
+    """Evaluate part `rank` of `world` of the first `limit` held-out clips (all when None) on the
+    model's device.
     `weights` is the tracking regression (None when the data has no coordinates); `i3d` (an FVD
     feature extractor) and `vgg` may be None."""
     torch.manual_seed(ecfg.seed + rank)

@@ -5,23 +5,31 @@ from __future__ import annotations
 
 import torch
 
-from kpscale.data.stream import ClipLoader, DataConfig
+from kpscale.data.stream import ClipLoader, DataConfig, ShardRef, resolve_shards
 from kpscale.evaluate import tracking
 from kpscale.evaluate.media import panel
 from kpscale.train.config import TrainConfig
 
 
 def fixed_batches(spec: str, data: DataConfig, window: int, limit: int | None, rank: int = 0, world: int = 1):
-    """Batches of up to `limit` clips (all when None) of part `rank` of `world`: each clip in
-    exactly one part, in a fixed order and from its first frame, the same at every evaluation."""
+    """Batches of part `rank` of `world` of the first `limit` clips of `spec` (all when None), in
+    a fixed order and from their first frame: the parts together hold exactly those clips, each
+    once, whatever `world` is, and the same at every evaluation."""
     loader_cfg = data.model_copy(update={"shuffle": False, "even": False, "drop_last": False, "num_workers": 0,
                                          "random_window": False})
-    seen = 0
-    for batch in ClipLoader(spec, loader_cfg, window=window, rank=rank, world_size=world):
-        yield batch
-        seen += len(batch["key"])
-        if limit is not None and seen >= limit:
-            return
+    yield from ClipLoader(first_clips(resolve_shards(spec), limit), loader_cfg, window=window, rank=rank,
+                          world_size=world)
+
+
+def first_clips(shards: list[ShardRef], limit: int | None) -> list[ShardRef]:
+    """The shards holding the first `limit` clips in order, the last one cut to what is needed."""
+    kept, left = [], limit
+    for ref in shards:
+        if left is not None and left <= 0:
+            break
+        kept.append(ref if left is None or ref.count <= left else ShardRef(ref.url, left))
+        left = None if left is None else left - ref.count
+    return kept
 
 
 def _clips(spec: str, cfg: TrainConfig, limit: int):
