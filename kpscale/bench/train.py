@@ -47,7 +47,7 @@ def _bare_loop(cfg: TrainConfig, steps: int) -> float:
             out = model(batch["video"], step, decode_predictions=False)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))  # 0: off
             optimizer.step()
             clips += len(batch["key"]) if step >= warmup else 0
             step += 1
