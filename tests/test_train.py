@@ -21,6 +21,7 @@ from kpscale.predict import load_trained
 from kpscale.train.config import load_train_config
 from conftest import ROOT, TINY_MODEL, registered_step
 
+CNN_VRNN = ROOT / "kpscale/models/cnn_vrnn/configs/basketball_cpu.yaml"
 TINY = [*TINY_MODEL, "data.batch_size=2", "data.num_workers=0", "train.warmup_steps=1", "train.log_every=2"]
 
 
@@ -245,29 +246,42 @@ def test_run_survives_a_killed_worker(basketball, tmp_path):
     assert steps[-1] == 20 and run.info.status == "FINISHED"
 
 
-def _train_and_evaluate(basketball, tmp_path, *args: str, tiny=TINY):
-    """A 4-step training run with `args`, then kpscale.evaluate on it: (client, training run,
-    evaluation run)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+SCORING = ["--samples", "3", "--clips", "6", "--fit-clips", "16"]  # kpscale.evaluate's and kpscale.compare's
+
+
+def _train_and_evaluate(basketball, folder, *args: str, tiny=TINY):
+    """A 4-step training run with `args` into `folder`'s MLflow store, then kpscale.evaluate on
+    it: (training run, evaluation run)."""
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
     result = train(*args, f"data.train={basketball / 'train'}", f"data.test={basketball / 'test'}", "train.steps=4",
-                   "train.eval_every=4", "train.eval_clips=8", f"train.storage={tmp_path / 'runs'}", f"tracking.uri={uri}",
+                   "train.eval_every=4", "train.eval_clips=8", f"train.storage={folder / 'runs'}", f"tracking.uri={uri}",
                    tiny=tiny)
     assert result.returncode == 0, result.stderr[-3000:]
     client = mlflow.MlflowClient(uri)
-    run = _run(client, tmp_path)
+    run_id = re.search(r"finished at step \d+: MLflow run (\w+)", result.stdout + result.stderr).group(1)
     evaluated = subprocess.run(
-        [sys.executable, "-m", "kpscale.evaluate", "--run", run.info.run_id, "--data", str(basketball / "test"),
-         "--samples", "3", "--clips", "6", "--fit-clips", "16", "--tracking-uri", uri],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", "kpscale.evaluate", "--run", run_id, "--data", str(basketball / "test"), *SCORING,
+         "--tracking-uri", uri], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    return client, run, client.get_run(evaluated.stdout.strip().rsplit(" ", 1)[-1])
+    return client.get_run(run_id), client.get_run(evaluated.stdout.strip().rsplit(" ", 1)[-1])
+
+
+@pytest.fixture(scope="module")
+def baselines(basketball, tmp_path_factory):
+    """The paper's two baselines, each trained by kpscale.train into one MLflow store and scored
+    by kpscale.evaluate: (store uri, {name: (training run, evaluation run)})."""
+    folder = tmp_path_factory.mktemp("baselines")
+    return f"sqlite:///{folder / 'mlflow.db'}", {
+        "struct_rnn": _train_and_evaluate(basketball, folder, "model.latent_size=0", "model.num_samples=1"),
+        "cnn_vrnn": _train_and_evaluate(basketball, folder, "--config", str(CNN_VRNN),
+                                        tiny=[o for o in TINY if not o.startswith("model.num_keypoints")])}
 
 
 @pytest.mark.slow
-def test_struct_rnn_baseline_trains_and_evaluates_through_the_same_commands(basketball, tmp_path):
+def test_struct_rnn_baseline_trains_and_evaluates_through_the_same_commands(baselines):
     """The paper's Struct-RNN (deterministic dynamics) is a config of the same model: it trains
     with kpscale.train and is scored by kpscale.evaluate, whose samples all coincide."""
-    _, run, evaluation = _train_and_evaluate(basketball, tmp_path, "model.latent_size=0", "model.num_samples=1")
+    run, evaluation = baselines[1]["struct_rnn"]
     assert run.data.params["model.latent_size"] == "0" and "tracking_error_no_dynamics" in run.data.metrics
     child = evaluation.data.metrics
     assert child["psnr_closest"] == pytest.approx(child["psnr_furthest"], rel=1e-6)  # one future, drawn 3 times
@@ -275,13 +289,13 @@ def test_struct_rnn_baseline_trains_and_evaluates_through_the_same_commands(bask
 
 
 @pytest.mark.slow
-def test_cnn_vrnn_baseline_trains_and_evaluates_through_the_same_commands(basketball, tmp_path):
+def test_cnn_vrnn_baseline_trains_and_evaluates_through_the_same_commands(baselines, tmp_path):
     """The paper's CNN-VRNN (a feature vector, no keypoints) trains from its shipped config with
     kpscale.train and is scored by kpscale.evaluate: tracking by regression from the vector,
     and nothing of keypoints (no objects found, no keypoint column in the video, no trajectories)."""
-    client, run, evaluation = _train_and_evaluate(
-        basketball, tmp_path, "--config", str(ROOT / "kpscale/models/cnn_vrnn/configs/basketball_cpu.yaml"),
-        tiny=[o for o in TINY if not o.startswith("model.num_keypoints")])
+    uri, runs = baselines
+    client = mlflow.MlflowClient(uri)
+    run, evaluation = runs["cnn_vrnn"]
     assert run.data.params["model.name"] == "cnn_vrnn" and run.data.params["model.representation_size"] == "36"
     assert run.data.params["train.run_name"] == "cnn_vrnn-basketball"
     metrics = run.data.metrics
@@ -295,3 +309,26 @@ def test_cnn_vrnn_baseline_trains_and_evaluates_through_the_same_commands(basket
     assert child["tracking_error_predicted"] > 0 and child["tracking_error_observed"] > 0
     artifacts = {a.path for a in client.list_artifacts(evaluation.info.run_id, "evaluation")}
     assert "evaluation/tracking.png" in artifacts and "evaluation/trajectories.parquet" not in artifacts
+
+
+@pytest.mark.slow
+def test_compare_scores_training_runs_as_evaluate_does(baselines, basketball):
+    """kpscale.compare on the two training runs' ids: a child run each with the very figures
+    kpscale.evaluate gave them (same clips, same seeds), and each model's mean on the parent."""
+    uri, runs = baselines
+    ids = {run.info.run_id: evaluation for run, evaluation in runs.values()}
+    result = subprocess.run([sys.executable, "-m", "kpscale.compare", *ids, "--data", str(basketball / "test"),
+                             *SCORING, "--tracking-uri", uri], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "name=cnn_vrnn" in result.stdout and "name=struct_vrnn" in result.stdout and "(1 run)" in result.stdout
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(result.stdout.strip().rsplit(" ", 1)[-1])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["model"] for c in children) == sorted(ids)
+    for child in children:
+        evaluated = ids[child.data.tags["model"]].data.metrics
+        for name in ("tracking_error_observed", "tracking_error_predicted", "tracking_error_no_dynamics",
+                     "psnr_closest"):
+            assert child.data.metrics[name] == pytest.approx(evaluated[name], rel=1e-6), name
+    means = sorted(v for k, v in parent.data.metrics.items() if k.endswith("/tracking_error_predicted_mean"))
+    assert means == pytest.approx(sorted(c.data.metrics["tracking_error_predicted"] for c in children), rel=1e-6)
