@@ -21,9 +21,8 @@ from kpscale.evaluate.snapshot import fixed_batches
 from kpscale.evaluate.trajectories import read_trajectories
 from kpscale.models import build_model
 from kpscale.train.config import load_train_config
-from conftest import ROOT, TINY_MODEL
+from conftest import CNN_VRNN, ROOT, TINY_MODEL
 
-CNN_VRNN = ROOT / "kpscale/models/cnn_vrnn/configs/basketball_cpu.yaml"
 
 SAMPLES, CLIPS = 3, 6
 

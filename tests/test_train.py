@@ -19,9 +19,8 @@ from PIL import Image
 from kpscale.models import build_model
 from kpscale.predict import load_trained
 from kpscale.train.config import load_train_config
-from conftest import ROOT, TINY_MODEL, registered_step
+from conftest import CNN_VRNN, ROOT, TINY_MODEL, registered_step
 
-CNN_VRNN = ROOT / "kpscale/models/cnn_vrnn/configs/basketball_cpu.yaml"
 TINY = [*TINY_MODEL, "data.batch_size=2", "data.num_workers=0", "train.warmup_steps=1", "train.log_every=2"]
 
 

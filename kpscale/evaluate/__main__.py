@@ -90,7 +90,7 @@ def _fit(model, cfg, ecfg: EvaluateConfig):
 
 
 def _remote_part(state: dict, cfg_dict: dict, ecfg_dict: dict, weights, positions, use_i3d: bool, use_vgg: bool,
-                 rank: int, world: int, limit: int | None) -> PartResult:
+                 rank: int, world: int) -> PartResult:
     """One Ray task: rebuild the model and metric networks there, evaluate its part."""
     from kpscale.evaluate.fvd import FVD
     from kpscale.evaluate.frames import load_vgg
@@ -103,13 +103,13 @@ def _remote_part(state: dict, cfg_dict: dict, ecfg_dict: dict, weights, position
     model.load_state_dict(state)
     i3d = FVD(load_i3d(ecfg.i3d), "cpu") if use_i3d else None
     vgg = load_vgg(ecfg.vgg) if use_vgg else None
-    return evaluate_part(model.eval(), cfg, ecfg, weights, positions, i3d, vgg, rank, world, limit)
+    return evaluate_part(model.eval(), cfg, ecfg, weights, positions, i3d, vgg, rank, world)
 
 
 def _run_parts(model, cfg, ecfg: EvaluateConfig, weights, positions, i3d, vgg, total: int) -> list[PartResult]:
     if ecfg.workers == 1:
         with tqdm(total=total, unit="clip", desc="evaluating") as bar:
-            return [evaluate_part(model, cfg, ecfg, weights, positions, i3d, vgg, 0, 1, ecfg.clips, bar)]
+            return [evaluate_part(model, cfg, ecfg, weights, positions, i3d, vgg, 0, 1, bar)]
     import ray
 
     from kpscale.train.launch import start_ray
@@ -118,7 +118,7 @@ def _run_parts(model, cfg, ecfg: EvaluateConfig, weights, positions, i3d, vgg, t
     parts = min(4 * ecfg.workers, total)
     task = ray.remote(num_cpus=ecfg.cpus_per_worker)(_remote_part)
     shared = [ray.put(x) for x in (model.state_dict(), cfg.model_dump(mode="json"), ecfg.model_dump(mode="json"))]
-    pending = [task.remote(*shared, weights, positions, i3d is not None, vgg is not None, rank, parts, ecfg.clips)
+    pending = [task.remote(*shared, weights, positions, i3d is not None, vgg is not None, rank, parts)
                for rank in range(parts)]
     results = []
     with tqdm(total=parts, unit="part", desc=f"evaluating on {ecfg.workers} Ray workers") as bar:

@@ -51,9 +51,9 @@ class PartResult:
 @torch.no_grad()
 def evaluate_part(model, cfg: TrainConfig, ecfg: EvaluateConfig, weights: torch.Tensor | None,
                   fit_positions: torch.Tensor | None, i3d: FVD | None, vgg, rank: int, world: int,
-                  limit: int | None, progress=None) -> PartResult:
-    """Evaluate part `rank` of `world` of the first `limit` held-out clips (all when None) on the
-    model's device.
+                  progress=None) -> PartResult:
+    """Evaluate part `rank` of `world` of the first `ecfg.clips` held-out clips (all when None) on
+    the model's device.
     `weights` is the tracking regression (None when the data has no coordinates); `i3d` (an FVD
     feature extractor) and `vgg` may be None."""
     torch.manual_seed(ecfg.seed + rank)
@@ -61,7 +61,7 @@ def evaluate_part(model, cfg: TrainConfig, ecfg: EvaluateConfig, weights: torch.
     obs, pred, size = cfg.model.observed, ecfg.future or cfg.model.predicted, cfg.model.image_size
     data = cfg.data.model_copy(update={"batch_size": ecfg.batch_size})
     out = PartResult()
-    for batch in fixed_batches(ecfg.data, data, obs + pred, limit, rank, world):
+    for batch in fixed_batches(ecfg.data, data, obs + pred, ecfg.clips, rank, world):
         video = batch["video"].to(device)
         encoded = model.represent(video)  # [B, T, D]: every frame, for tracking and export
         sampled, generated = model.sample_future(video, pred, ecfg.samples)  # [B, S, T, ...]
