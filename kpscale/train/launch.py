@@ -136,6 +136,8 @@ def fit(cfg: TrainConfig, parent_run_id: str | None = None, callbacks: list | No
     if closes_run:
         mlflow.MlflowClient(uri).set_terminated(run_id, status="FINISHED")
     browse = uri if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
-    log.info("finished at step %s: MLflow run %s (browse with: %s), checkpoint %s", result.metrics.get("step"),
-             run_id, browse, result.checkpoint.path if result.checkpoint else None)
+    # No metrics: the run had already reached train.steps and trained nothing this time.
+    step = result.metrics["step"] if result.metrics else cfg.train.steps
+    log.info("finished at step %s: MLflow run %s (browse with: %s), checkpoint %s", step, run_id, browse,
+             result.checkpoint.path if result.checkpoint else None)
     return result

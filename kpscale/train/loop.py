@@ -49,7 +49,8 @@ def train_loop(config: dict) -> None:
         # Resume at the next epoch: the step counter, optimizer, schedule and RNG continue;
         # the data order starts a fresh (different) shuffle.
         step, epoch = state["step"], state["epoch"] + 1
-        log.info("rank %d resumed at step %d", rank, step)
+        log.info("rank %d resumed at step %d%s", rank, step,
+                 f" of {cfg.train.steps}: nothing left to train" if step >= cfg.train.steps else "")
 
     loader = ClipLoader(cfg.data.train, cfg.data, window=cfg.window, rank=rank, world_size=world)
     if rank == 0:
@@ -80,6 +81,8 @@ def train_loop(config: dict) -> None:
             if evaluated:
                 latest.update(_evaluate(engine, cfg, device, step, rank))
             saved = step % cfg.train.checkpoint_every == 0 or last
+            if last:  # before the last report, on which a sweep may stop the trial
+                _log_model(engine, cfg, rank)
             if evaluated or saved:
                 _report(engine, checkpoint, latest, step, epoch, rank, save=saved)
             meter.started += time.perf_counter() - paused  # evaluation and checkpoints are not training time
@@ -87,7 +90,6 @@ def train_loop(config: dict) -> None:
                 break
             fetch = time.perf_counter()
         epoch += 1
-    _log_model(engine, cfg, rank)
     if rank == 0:
         mlflow.end_run()
 

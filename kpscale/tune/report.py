@@ -14,6 +14,7 @@ from typing import Any
 
 import fsspec
 import mlflow
+from ray.tune import ExperimentAnalysis
 
 from kpscale.train.config import TrainConfig
 from kpscale.tune.sweep import Sweep
@@ -23,7 +24,13 @@ log = logging.getLogger("kpscale.tune")
 
 def summarise(results, sweep: Sweep, base: TrainConfig, parent_run_id: str, uri: str) -> dict[str, Any]:
     s = sweep.cfg
-    trials = [_trial_row(result, sweep, base.train.steps) for result in results]
+    # A result's metrics name the trial that reported them, which after a PBT copy is the donor.
+    ids = {trial.path: trial.trial_id for trial in ExperimentAnalysis(sweep.folder).trials}
+    trials = [_trial_row(result, ids[result.path], sweep, base.train.steps) for result in results]
+    failed = [t["trial"] for t in trials if t["status"] == "failed"]
+    if failed:
+        log.warning("sweep %s: %d of %d trials failed (%s); their errors are in %s", s.name, len(failed), len(trials),
+                    ", ".join(failed), sweep.folder)
     scored = [t for t in trials if t["value"] is not None]
     if not scored:
         raise RuntimeError(f"sweep {s.name}: no trial reported {s.metric}; see the trial errors in {sweep.folder}")
@@ -52,13 +59,13 @@ def summarise(results, sweep: Sweep, base: TrainConfig, parent_run_id: str, uri:
     return {"best": best, "trials": trials, "best_config": f"{sweep.folder}/best.yaml", "parent_run_id": parent_run_id}
 
 
-def _trial_row(result, sweep: Sweep, steps: int) -> dict[str, Any]:
+def _trial_row(result, trial: str, sweep: Sweep, steps: int) -> dict[str, Any]:
     metrics = result.metrics or {}
     value = metrics.get(sweep.cfg.metric)
     value = float(value) if value is not None and math.isfinite(value) else None
     step = metrics.get("step", 0)
     status = "failed" if result.error else "finished" if step >= steps else "stopped early"
-    return {"trial": metrics.get("trial_id", Path(result.path).name),
+    return {"trial": trial,
             "params": {k: result.config[k] for k in sweep.cfg.space}, "value": value, "step": step, "status": status}
 
 

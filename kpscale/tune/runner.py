@@ -18,7 +18,7 @@ def run_sweep(sweep: Sweep) -> dict:
     from kpscale.tracking import git_commit, open_run, tracking_uri
     from kpscale.train.launch import check_fits_cluster, dataset_name, start_ray, with_default_data
     from kpscale.tune.report import summarise
-    from kpscale.tune.trial import run_trial
+    from kpscale.tune.trial import LAST_STEP, run_trial
 
     base = with_default_data(sweep.base_config)  # before any Ray resources: may build the default data
     uri = tracking_uri(base.tracking.uri)
@@ -50,8 +50,10 @@ def run_sweep(sweep: Sweep) -> dict:
                                         scheduler=_scheduler(sweep, base.train.steps),
                                         max_concurrent_trials=s.max_concurrent_trials or fitting),
             # Tune's checkpoints are pointers of a few bytes to Train checkpoints: all are kept, so
-            # PBT never reaches for one that is gone.
-            run_config=tune.RunConfig(name=s.name, storage_path=sweep.folder.rsplit("/", 1)[0]))
+            # PBT never reaches for one that is gone. A trial at its last step is done: no scheduler
+            # pauses it there (PBT would, to perturb it, and restart it with nothing left to train).
+            run_config=tune.RunConfig(name=s.name, storage_path=sweep.folder.rsplit("/", 1)[0],
+                                      stop={LAST_STEP: True}))
     results = tuner.fit()
     unfinished = [t for t in tune.ExperimentAnalysis(sweep.folder).trials if t.status not in ("TERMINATED", "ERROR")]
     if unfinished:  # interrupted (Ctrl+C, a stopped job): Tune saved its state
@@ -87,9 +89,7 @@ def _scheduler(sweep: Sweep, steps: int):
 
     s = sweep.cfg.scheduler
     if s.type == "asha":
-        # max_t past the last step: ASHA stops a trial that reaches max_t at once, which would
-        # cut off a finishing run before it logs its model.
-        return ASHAScheduler(time_attr="step", max_t=steps + 1, grace_period=s.grace_period,
+        return ASHAScheduler(time_attr="step", max_t=steps, grace_period=s.grace_period,
                              reduction_factor=s.reduction_factor)
     if s.type == "pbt":
         return PopulationBasedTraining(time_attr="step", perturbation_interval=s.perturbation_interval,

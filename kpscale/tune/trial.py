@@ -23,6 +23,7 @@ from kpscale.tune.sweep import Sweep
 
 log = logging.getLogger("kpscale.tune")
 POINTER = "train_checkpoint.json"
+LAST_STEP = "reached_train_steps"  # in every report: the sweep stops a trial on it
 
 
 class ForwardReports(UserCallback):
@@ -68,7 +69,7 @@ def run_trial(params: dict[str, Any], sweep: Sweep, parent_run_id: str) -> None:
             metrics, path = reports.get(timeout=1.0)
         except Empty:
             continue
-        _report(metrics, trial, run_name, path)
+        _report({**metrics, LAST_STEP: metrics["step"] >= cfg.train.steps}, trial, run_name, path)
     if "error" in outcome:
         raise outcome["error"]
 
