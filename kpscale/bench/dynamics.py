@@ -13,7 +13,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from kpscale.evaluate.tracking import distance, no_dynamics
+from kpscale.evaluate.tracking_error import distance, no_dynamics
 from kpscale.models.vrnn import VRNN, sequence_l2
 from kpscale.train.config import load_train_config
 

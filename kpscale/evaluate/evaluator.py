@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 
 from kpscale.config import Config
-from kpscale.evaluate import frames, tracking
+from kpscale.evaluate import frames, tracking_error
 from kpscale.evaluate.fvd import FVD, fvd
 from kpscale.evaluate.snapshot import fixed_batches
 from kpscale.evaluate.trajectories import trajectory_table
@@ -79,15 +79,15 @@ def evaluate_part(model, cfg: TrainConfig, ecfg: EvaluateConfig, weights: torch.
         detected = model.keypoints(encoded)  # [B, T, K, 3], None for a model without keypoints
         if weights is not None:
             coords = batch["coords"].to(device)
-            out.add("track_observed", tracking.per_step_errors(weights, encoded[:, :obs], coords[:, :obs]))
+            out.add("track_observed", tracking_error.per_step_errors(weights, encoded[:, :obs], coords[:, :obs]))
             if detected is not None:
-                out.add("keypoint_distance", tracking.nearest_keypoint_distance(  # [B, obs, N]
+                out.add("keypoint_distance", tracking_error.nearest_keypoint_distance(  # [B, obs, N]
                     detected[:, :obs], coords[:, :obs], cfg.model.heatmap_size, size))
-            out.add("track_predicted", tracking.best_of_samples(weights, sampled[:, :, obs:], coords[:, obs:],
+            out.add("track_predicted", tracking_error.best_of_samples(weights, sampled[:, :, obs:], coords[:, obs:],
                                                                 ecfg.per_object))
-            out.add("track_no_dynamics", tracking.per_step_errors(
-                weights, tracking.no_dynamics(encoded[:, :obs], pred), coords[:, obs:]))
-            out.add("track_null", tracking.null_error_per_step(fit_positions, coords))
+            out.add("track_no_dynamics", tracking_error.per_step_errors(
+                weights, tracking_error.no_dynamics(encoded[:, :obs], pred), coords[:, obs:]))
+            out.add("track_null", tracking_error.null_error_per_step(fit_positions, coords))
         if detected is not None:  # export the detected keypoints on observed frames, the sampled ones after
             exported = torch.cat([detected[:, None, :obs].expand(-1, s, -1, -1, -1),
                                   model.keypoints(sampled[:, :, obs:])], 2)
@@ -129,7 +129,7 @@ def summarise(parts: list[PartResult], observed: int, image_size: int) -> tuple[
     if "i3d_real" in arrays:
         metrics["fvd"] = fvd(torch.from_numpy(arrays["i3d_real"]), torch.from_numpy(arrays["i3d_fake"]).flatten(0, 1))
     if "keypoint_distance" in arrays:
-        metrics.update(tracking.objects_found(torch.from_numpy(arrays["keypoint_distance"]), image_size))
+        metrics.update(tracking_error.objects_found(torch.from_numpy(arrays["keypoint_distance"]), image_size))
     if "track_observed" in arrays:
         curves["tracking_null"] = arrays["track_null"].mean(0)  # [T]
         metrics["tracking_error_null"] = curves["tracking_null"].mean()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from kpscale.data.stream import ClipLoader, DataConfig, ShardRef, resolve_shards
-from kpscale.evaluate import tracking
+from kpscale.evaluate import tracking_error
 from kpscale.evaluate.media import panel
 from kpscale.train.config import TrainConfig
 
@@ -49,7 +49,7 @@ def fit_regression(model, spec: str, cfg: TrainConfig, limit: int, device: torch
     for batch in _clips(spec, cfg, limit):
         states.append(model.represent(batch["video"].to(device, dtype)).float().flatten(0, 1))
         positions.append(batch["coords"].flatten(0, 1).to(device))
-    return tracking.fit(torch.cat(states), torch.cat(positions)), torch.cat(positions)
+    return tracking_error.fit(torch.cat(states), torch.cat(positions)), torch.cat(positions)
 
 
 @torch.no_grad()
@@ -57,7 +57,7 @@ def evaluate(model, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
              fit_clips: int = 256, test_clips: int = 128) -> tuple[dict[str, float], object]:
     """Metrics {tracking_error_observed, tracking_error_predicted, tracking_error_no_dynamics,
     tracking_error_null} in pixels, for a keypoint model objects_found and
-    keypoint_distance/object_<n> (tracking.objects_found), and the video panel of the first
+    keypoint_distance/object_<n> (tracking_error.objects_found), and the video panel of the first
     held-out clip. Runs on every rank (ZeRO-3 needs all of them for a forward pass); only
     rank 0 logs."""
     was_training = model.training
@@ -69,14 +69,14 @@ def evaluate(model, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
     for batch in _clips(cfg.data.test or cfg.data.train, cfg, test_clips):
         clip, coords = batch["video"].to(device, dtype), batch["coords"].to(device)
         states = model.represent(clip).float()
-        observed.append(tracking.per_step_errors(weights, states[:, :obs], coords[:, :obs]).mean(1))
+        observed.append(tracking_error.per_step_errors(weights, states[:, :obs], coords[:, :obs]).mean(1))
         keypoints = model.keypoints(states)
         if keypoints is not None:
-            nearest.append(tracking.nearest_keypoint_distance(keypoints[:, :obs], coords[:, :obs],
+            nearest.append(tracking_error.nearest_keypoint_distance(keypoints[:, :obs], coords[:, :obs],
                                                               mcfg.heatmap_size, mcfg.image_size))
         sampled, _ = model.sample_future(clip, mcfg.predicted, mcfg.num_samples)
-        predicted.append(tracking.best_of_samples(weights, sampled[:, :, obs:].float(), coords[:, obs:]).mean(1))
-        held.append(tracking.per_step_errors(weights, tracking.no_dynamics(states[:, :obs], mcfg.predicted),
+        predicted.append(tracking_error.best_of_samples(weights, sampled[:, :, obs:].float(), coords[:, obs:]).mean(1))
+        held.append(tracking_error.per_step_errors(weights, tracking_error.no_dynamics(states[:, :obs], mcfg.predicted),
                                              coords[:, obs:]).mean(1))
         positions.append(coords)
         if video is None:
@@ -88,9 +88,9 @@ def evaluate(model, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
         "tracking_error_observed": torch.cat(observed).mean().item(),
         "tracking_error_predicted": torch.cat(predicted).mean().item(),
         "tracking_error_no_dynamics": torch.cat(held).mean().item(),
-        "tracking_error_null": tracking.null_error(fit_positions.cpu(), torch.cat(positions).cpu()),
+        "tracking_error_null": tracking_error.null_error(fit_positions.cpu(), torch.cat(positions).cpu()),
     }
     if nearest:
-        metrics.update(tracking.objects_found(torch.cat(nearest), mcfg.image_size))
+        metrics.update(tracking_error.objects_found(torch.cat(nearest), mcfg.image_size))
     model.train(was_training)
     return metrics, video
