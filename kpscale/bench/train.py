@@ -27,8 +27,17 @@ from kpscale.train.engine import param_groups
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=40, help="timed steps of each throughput run")
     parser.add_argument("--zero-steps", type=int, default=6, help="steps of each ZeRO memory run")
+    parser.add_argument("--zero-stages", type=_stages, default=[0, 2, 3], metavar="0,2,3",
+                        help="ZeRO stages whose peak memory per worker is measured, two workers each")
     parser.add_argument("--config", help="training config (default: the package's default)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
+
+
+def _stages(text: str) -> list[int]:
+    stages = [int(s) for s in text.split(",") if s.strip().isdigit()]
+    if len(stages) != len(text.split(",")) or not set(stages) <= {0, 1, 2, 3}:
+        raise argparse.ArgumentTypeError(f"expected ZeRO stages 0-3 separated by commas, got {text!r}")
+    return stages
 
 
 def _bare_loop(cfg: TrainConfig, steps: int) -> float:
@@ -102,13 +111,13 @@ def run(args: argparse.Namespace) -> dict:
         bare = _bare_loop(base, steps)
         print("reader alone ...", flush=True)
         reader = _reader(base, 512)
-        # One local Ray for the four runs; the two measurements above run without it.
+        # One local Ray for every run; the two measurements above run without it.
         start_ray()
         try:
             print("one Ray Train + DeepSpeed worker ...", flush=True)
             single = _ray_run(base, work, "single")
             memory = {}
-            for stage in (0, 2, 3):
+            for stage in args.zero_stages:
                 print(f"two workers, ZeRO-{stage} ...", flush=True)
                 cfg = load_train_config(args.config, [
                     f"data.train={work / 'data' / 'train'}", f"data.test={work / 'data' / 'test'}",
