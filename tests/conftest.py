@@ -54,3 +54,12 @@ def registered_step(folder: Path) -> int:
     except (FileNotFoundError, json.JSONDecodeError, KeyError):  # not written yet, or being rewritten
         return 0
     return int((latest or {}).get("metrics", {}).get("step", 0))
+
+
+def exit_status(main, *args: str) -> int:
+    """An entry point's main(argv) called in this process, as `python -m` runs it (each entry point
+    also runs as a subprocess in some test): its exit status, argparse's exits included."""
+    try:
+        return main(list(args))
+    except SystemExit as exit_:
+        return exit_.code

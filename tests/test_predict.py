@@ -10,9 +10,9 @@ from kpscale.data.sources.basketball import make_clip
 from kpscale.data.video import decode_mp4, encode_mp4
 from kpscale.evaluate.media import keypoint_pixels, pixel_offsets
 from kpscale.models import build_model
-from kpscale.predict import predict
+from kpscale.predict import main, predict
 from kpscale.train.config import load_train_config
-from conftest import ROOT, TINY_MODEL
+from conftest import ROOT, TINY_MODEL, exit_status
 
 
 def test_predict_reads_a_video_and_writes_a_playable_one(tmp_path):
@@ -33,10 +33,9 @@ def test_predict_reads_a_video_and_writes_a_playable_one(tmp_path):
     assert video[-1, :, :, :64].float().mean() < 5  # the 10-frame input has ended: black
 
 
-def test_predict_names_a_bad_run(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "kpscale.predict", "--run", str(tmp_path), "--video", "x.mp4",
-                             "--out", str(tmp_path / "o.mp4")], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 2 and "weights.pt" in result.stderr and "Traceback" not in result.stderr
+def test_predict_names_a_bad_run(tmp_path, capsys):
+    assert exit_status(main, "--run", str(tmp_path), "--video", "x.mp4", "--out", str(tmp_path / "o.mp4")) == 2
+    assert "weights.pt" in capsys.readouterr().err
 
 
 def test_pixel_offsets_move_a_drawn_keypoint_by_exactly_those_pixels():
@@ -73,7 +72,7 @@ def test_moving_a_keypoint_moves_what_the_decoder_draws():
     assert change[~(near_a | near_b)].sum() < 1e-3 * change[near_b].sum()
 
 
-def test_predict_with_a_moved_keypoint_shows_original_and_manipulated_futures(tmp_path):
+def test_predict_with_a_moved_keypoint_shows_original_and_manipulated_futures(tmp_path, capsys):
     cfg = load_train_config(None, TINY_MODEL)
     model = build_model(cfg.model).eval()
     frames, _ = make_clip(BasketballOptions(), 12, 64, np.random.default_rng(1))
@@ -82,14 +81,12 @@ def test_predict_with_a_moved_keypoint_shows_original_and_manipulated_futures(tm
     assert plain.shape == (10, 64, 3 * 64, 3) and both.shape == (10, 64, 5 * 64, 3)
     np.testing.assert_array_equal(both[:, :, :3 * 64], plain)  # same seed: the originals are unchanged
     assert not np.array_equal(both[:, :, 3 * 64:], plain[:, :, 64:])  # the manipulation changed the futures
-    result = subprocess.run([sys.executable, "-m", "kpscale.predict", "--run", "x", "--video", "x.mp4",
-                             "--move", "3", "--out", str(tmp_path / "o.mp4")], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 2 and "K:DX,DY" in result.stderr
+    assert exit_status(main, "--run", "x", "--video", "x.mp4", "--move", "3", "--out", str(tmp_path / "o.mp4")) == 2
+    assert "K:DX,DY" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", ["--observed", "--future", "--samples"])
-def test_predict_refuses_a_non_positive_count(tmp_path, flag):
-    result = subprocess.run([sys.executable, "-m", "kpscale.predict", "--run", "x", "--video", "x.mp4", flag, "0",
-                             "--out", str(tmp_path / "o.mp4")], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 2 and flag in result.stderr and "positive" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_predict_refuses_a_non_positive_count(tmp_path, flag, capsys):
+    assert exit_status(main, "--run", "x", "--video", "x.mp4", flag, "0", "--out", str(tmp_path / "o.mp4")) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "positive" in err
