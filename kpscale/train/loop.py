@@ -56,6 +56,7 @@ def train_loop(config: dict) -> None:
     if rank == 0:
         mlflow.set_tracking_uri(config["tracking_uri"])
         mlflow.start_run(run_id=config["mlflow_run_id"])
+    if rank == 0 and step < cfg.train.steps:
         log.info("training %s on %d clips (%d batches per epoch per rank) with %d workers, ZeRO-%d, %s, "
                  "%d torch threads per worker", type(model).__name__, loader.num_samples, len(loader), world,
                  cfg.train.zero_stage, "bf16" if bf16 else "fp32", torch.get_num_threads())
