@@ -13,7 +13,7 @@ from kpscale.config import ConfigError, load
 from kpscale.data.build import build
 from kpscale.data.card import DatasetCard
 from kpscale.data.shards import read_manifest
-from kpscale.data.sources.folder import SourceError
+from kpscale.data.sources import SourceError
 from kpscale.data.stream import ClipLoader, LoaderConfig
 from conftest import ROOT
 

@@ -13,7 +13,7 @@ from kpscale import logs
 from kpscale.config import ConfigError, load, parse_with_overrides
 from kpscale.data.build import build
 from kpscale.data.card import DatasetCard
-from kpscale.data.sources.folder import SourceError
+from kpscale.data.sources import SourceError
 from kpscale.data.stream import ClipLoader, DataError, LoaderConfig
 
 log = logging.getLogger("kpscale.data")

