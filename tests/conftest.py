@@ -15,8 +15,8 @@ CARD = ROOT / "datasets" / "basketball.yaml"
 
 torch.set_num_threads(1)
 
-# A Struct-VRNN small enough for a training step in well under a second on one core.
 CNN_VRNN = ROOT / "kpscale/models/cnn_vrnn/configs/basketball_cpu.yaml"  # the baseline's shipped config
+# A Struct-VRNN small enough for a training step in well under a second on one core.
 TINY_MODEL = ["model.filters=4", "model.num_keypoints=4", "model.rnn_size=16", "model.hidden_size=16",
               "model.num_samples=2", "model.observed=4", "model.predicted=4", "model.layers_per_scale=1"]
 

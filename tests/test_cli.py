@@ -62,8 +62,8 @@ def test_data_benchmark_prints_side_by_side_ratios(tmp_path):
 
 @pytest.mark.slow
 def test_train_benchmark_prints_side_by_side_ratios(tmp_path):
-    result = run("kpscale.bench", "--json", str(tmp_path / "b.json"), "train", "--steps", "8", "--zero-steps", "2", "--zero-stages", "0,3",
-                 *TINY_MODEL, "data.batch_size=4", timeout=900)
+    result = run("kpscale.bench", "--json", str(tmp_path / "b.json"), "train", "--steps", "8", "--zero-steps", "2",
+                 "--zero-stages", "0,3", *TINY_MODEL, "data.batch_size=4", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ratio" in result.stdout and "x what a step consumes" in result.stdout
     import json

@@ -144,5 +144,5 @@ class DatasetCard(Config):
                                  f"do not fit a resolution of {self.resolution}")
             if any(round(f * MNIST_DIGITS) < m.digits for f in m.digit_fractions.values()):
                 raise ValueError(f"moving_mnist.digit_fractions: each split needs at least {m.digits} of the "
-                                 f"5,000 digits, got {m.digit_fractions}")
+                                 f"{MNIST_DIGITS:,} digits, got {m.digit_fractions}")
         return self

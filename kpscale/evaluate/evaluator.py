@@ -84,7 +84,7 @@ def evaluate_part(model, cfg: TrainConfig, ecfg: EvaluateConfig, weights: torch.
                 out.add("keypoint_distance", tracking_error.nearest_keypoint_distance(  # [B, obs, N]
                     detected[:, :obs], coords[:, :obs], cfg.model.heatmap_size, size))
             out.add("track_predicted", tracking_error.best_of_samples(weights, sampled[:, :, obs:], coords[:, obs:],
-                                                                ecfg.per_object))
+                                                                      ecfg.per_object))
             out.add("track_no_dynamics", tracking_error.per_step_errors(
                 weights, tracking_error.no_dynamics(encoded[:, :obs], pred), coords[:, obs:]))
             out.add("track_null", tracking_error.null_error_per_step(fit_positions, coords))

@@ -73,11 +73,12 @@ def evaluate(model, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
         keypoints = model.keypoints(states)
         if keypoints is not None:
             nearest.append(tracking_error.nearest_keypoint_distance(keypoints[:, :obs], coords[:, :obs],
-                                                              mcfg.heatmap_size, mcfg.image_size))
+                                                                    mcfg.heatmap_size, mcfg.image_size))
         sampled, _ = model.sample_future(clip, mcfg.predicted, mcfg.num_samples)
-        predicted.append(tracking_error.best_of_samples(weights, sampled[:, :, obs:].float(), coords[:, obs:]).mean(1))
-        held.append(tracking_error.per_step_errors(weights, tracking_error.no_dynamics(states[:, :obs], mcfg.predicted),
-                                             coords[:, obs:]).mean(1))
+        predicted.append(tracking_error.best_of_samples(weights, sampled[:, :, obs:].float(),
+                                                        coords[:, obs:]).mean(1))
+        held.append(tracking_error.per_step_errors(
+            weights, tracking_error.no_dynamics(states[:, :obs], mcfg.predicted), coords[:, obs:]).mean(1))
         positions.append(coords)
         if video is None:
             out = model(clip[:1], step=0)

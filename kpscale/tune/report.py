@@ -14,7 +14,6 @@ from typing import Any
 
 import fsspec
 import mlflow
-from ray.tune import ExperimentAnalysis
 
 from kpscale.train.config import TrainConfig
 from kpscale.tune.sweep import Sweep
@@ -22,10 +21,12 @@ from kpscale.tune.sweep import Sweep
 log = logging.getLogger("kpscale.tune")
 
 
-def summarise(results, sweep: Sweep, base: TrainConfig, parent_run_id: str, uri: str) -> dict[str, Any]:
+def summarise(results, tune_trials, sweep: Sweep, base: TrainConfig, parent_run_id: str, uri: str) -> dict[str, Any]:
+    """`results`: the Tuner's ResultGrid; `tune_trials`: Tune's trials of the same sweep, which
+    name each result's trial (a result's metrics name the trial that reported them, which after a
+    PBT copy is the donor)."""
     s = sweep.cfg
-    # A result's metrics name the trial that reported them, which after a PBT copy is the donor.
-    ids = {trial.path: trial.trial_id for trial in ExperimentAnalysis(sweep.folder).trials}
+    ids = {trial.path: trial.trial_id for trial in tune_trials}
     trials = [_trial_row(result, ids[result.path], sweep, base.train.steps) for result in results]
     failed = [t["trial"] for t in trials if t["status"] == "failed"]
     if failed:

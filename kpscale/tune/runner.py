@@ -55,11 +55,12 @@ def run_sweep(sweep: Sweep) -> dict:
             run_config=tune.RunConfig(name=s.name, storage_path=sweep.folder.rsplit("/", 1)[0],
                                       stop={LAST_STEP: True}))
     results = tuner.fit()
-    unfinished = [t for t in tune.ExperimentAnalysis(sweep.folder).trials if t.status not in ("TERMINATED", "ERROR")]
+    trials = tune.ExperimentAnalysis(sweep.folder).trials
+    unfinished = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
     if unfinished:  # interrupted (Ctrl+C, a stopped job): Tune saved its state
         raise SweepInterrupted(f"sweep {sweep.cfg.name} interrupted with {len(unfinished)} unfinished trials; run the "
                                f"same command again to resume it from {sweep.folder}")
-    return summarise(results, sweep, base, parent, uri)
+    return summarise(results, trials, sweep, base, parent, uri)
 
 
 class SweepInterrupted(RuntimeError):

