@@ -65,12 +65,18 @@ def with_values(tree: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     tree = _deepcopy(tree)
     for key, value in values.items():
         path, node = key.split("."), tree
-        for i, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"{key}: {'.'.join(path[: i + 1])} is a value ({child!r}), not a section")
-            node = child
-        node[path[-1]] = value
+        for i, part in enumerate(path):
+            if isinstance(node, list):  # a list's items by index: train.stages.1.init_from=...
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"{key}: {'.'.join(path[:i])} is a list of {len(node)}, {part!r} is not "
+                                      "one of its indices")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"{key}: {'.'.join(path[:i])} is a value ({node!r}), not a section")
+            if i == len(path) - 1:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {}) if isinstance(node, dict) else node[part]
     return tree
 
 

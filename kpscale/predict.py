@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,30 +19,22 @@ from kpscale.data.card import Encoding
 from kpscale.data.sources.folder import fit
 from kpscale.data.video import decode_mp4, encode_mp4
 from kpscale.evaluate.media import draw_keypoints, pixel_offsets, to_rgb
-from kpscale.models import build_model
+from kpscale.models import build_family
 from kpscale.train.config import load_train_config
 
 
 def load_trained(run: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, object]:
-    """(model in eval mode, its TrainConfig) from a folder or an MLflow run id."""
-    folder = Path(run)
-    if not folder.is_dir():
-        import mlflow
+    """(the family's predictor in eval mode, its TrainConfig) from a model folder or an MLflow run id."""
+    from kpscale.tracking import model_folder
 
-        from kpscale.tracking import tracking_uri as resolve
-        try:
-            folder = Path(mlflow.artifacts.download_artifacts(run_id=run, artifact_path="model",
-                                                              dst_path=tempfile.mkdtemp(),
-                                                              tracking_uri=resolve(tracking_uri)))
-        except Exception as exc:
-            raise ConfigError(f"--run {run!r} is neither a folder nor an MLflow run with a logged model ({exc})") from None
-    for name in ("weights.pt", "config.yaml"):
-        if not (folder / name).exists():
-            raise ConfigError(f"{folder} has no {name}: not a kpscale model")
+    try:
+        folder = model_folder(run, tracking_uri)
+    except ConfigError as exc:
+        raise ConfigError(f"--run {exc}") from None
     cfg = load_train_config(folder / "config.yaml", [])
-    model = build_model(cfg.model)
-    model.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
-    return model.eval(), cfg
+    family = build_family(cfg.model)
+    family.root.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
+    return family.predictor().eval(), cfg
 
 
 def _frames(model, cfg, decoded: torch.Tensor, states: torch.Tensor) -> list[np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import fsspec
@@ -47,3 +48,22 @@ def open_run(uri: str, experiment: str, marker: str, name: str, cfg: Config, tag
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     fs.pipe_file(path, run.info.run_id.encode())
     return run.info.run_id
+
+
+def model_folder(run: str, uri: str | None = None) -> Path:
+    """A model folder (weights.pt, config.yaml): `run` itself when it is a folder, else the
+    `model/` artifacts of the MLflow run `run`, downloaded."""
+    from kpscale.config import ConfigError
+
+    folder = Path(run)
+    if not folder.is_dir():
+        try:
+            folder = Path(mlflow.artifacts.download_artifacts(run_id=run, artifact_path="model",
+                                                              dst_path=tempfile.mkdtemp(),
+                                                              tracking_uri=tracking_uri(uri)))
+        except Exception as exc:
+            raise ConfigError(f"{run!r} is neither a folder nor an MLflow run with a logged model ({exc})") from None
+    for name in ("weights.pt", "config.yaml"):
+        if not (folder / name).exists():
+            raise ConfigError(f"{folder} has no {name}: not a kpscale model")
+    return folder

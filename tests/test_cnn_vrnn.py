@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kpscale.config import ConfigError
-from kpscale.models import build_model
+from kpscale.models import build_family
 from kpscale.models.cnn_vrnn.model import CNNVRNN, CNNVRNNConfig
 from kpscale.models.struct_vrnn.model import StructVRNNConfig
 from kpscale.train.config import DEFAULT, load_train_config
@@ -52,7 +52,7 @@ def test_the_dynamics_stay_out_of_the_image_model_and_frames_depend_on_the_vecto
 
 def test_the_shipped_config_is_the_struct_vrnn_default_but_for_the_representation():
     cnn, struct = load_train_config(CONFIG, []), load_train_config(DEFAULT, [])
-    assert isinstance(cnn.model, CNNVRNNConfig) and build_model(cnn.model).__class__ is CNNVRNN
+    assert isinstance(cnn.model, CNNVRNNConfig) and build_family(cnn.model).root.__class__ is CNNVRNN
     assert cnn.model.representation_size == 3 * struct.model.num_keypoints  # the paper: 3K elements
     shared = set(CNNVRNNConfig.model_fields) & set(StructVRNNConfig.model_fields) - {"name"}
     assert {k: getattr(cnn.model, k) for k in shared} == {k: getattr(struct.model, k) for k in shared}
@@ -66,5 +66,5 @@ def test_a_key_of_another_family_is_refused_naming_it():
         load_train_config(CONFIG, ["model.num_keypoints=12"])
     with pytest.raises(ConfigError, match=r"model\.representation_size: unknown key"):
         load_train_config(DEFAULT, ["model.representation_size=36"])
-    with pytest.raises(ConfigError, match="model.name must be one of struct_vrnn, cnn_vrnn"):
+    with pytest.raises(ConfigError, match="model.name must be one of struct_vrnn, cnn_vrnn, drnet"):
         load_train_config(CONFIG, ["model.name=svg"])

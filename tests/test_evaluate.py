@@ -19,7 +19,7 @@ from kpscale.evaluate.fvd import fvd
 from kpscale.evaluate.i3d import I3D
 from kpscale.evaluate.snapshot import fixed_batches
 from kpscale.evaluate.trajectories import read_trajectories
-from kpscale.models import build_model
+from kpscale.models import build_family
 from kpscale.train.config import load_train_config
 from conftest import CNN_VRNN, ROOT, TINY_MODEL, exit_status
 
@@ -37,7 +37,7 @@ def _he_init(model: nn.Module) -> nn.Module:
 def _model_folder(folder, cfg, seed: int):
     """A tiny model after a few Adam steps from `seed`, saved as a model folder."""
     torch.manual_seed(seed)
-    model = build_model(cfg.model)
+    model = build_family(cfg.model).root
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     for step in range(3):
         loss = model(torch.rand(2, cfg.window, 3, 64, 64), step, decode_predictions=False)["loss"]

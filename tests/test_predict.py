@@ -9,7 +9,7 @@ from kpscale.data.card import BasketballOptions, Encoding
 from kpscale.data.sources.basketball import make_clip
 from kpscale.data.video import decode_mp4, encode_mp4
 from kpscale.evaluate.media import keypoint_pixels, pixel_offsets
-from kpscale.models import build_model
+from kpscale.models import build_family
 from kpscale.predict import main, predict
 from kpscale.train.config import load_train_config
 from conftest import ROOT, TINY_MODEL, exit_status
@@ -17,7 +17,7 @@ from conftest import ROOT, TINY_MODEL, exit_status
 
 def test_predict_reads_a_video_and_writes_a_playable_one(tmp_path):
     cfg = load_train_config(None, TINY_MODEL)
-    model = build_model(cfg.model)
+    model = build_family(cfg.model).root
     (tmp_path / "model").mkdir()
     torch.save(model.state_dict(), tmp_path / "model" / "weights.pt")
     (tmp_path / "model" / "config.yaml").write_text(cfg.to_yaml())
@@ -53,7 +53,7 @@ def test_moving_a_keypoint_moves_what_the_decoder_draws():
     """The decoder's change when keypoint 0 moves from A to B is where it went and where it left,
     nothing elsewhere: the manipulation moves the object drawn for that keypoint."""
     cfg = load_train_config(None, TINY_MODEL)
-    model = build_model(cfg.model).eval()
+    model = build_family(cfg.model).root.eval()
     torch.manual_seed(0)
     first = torch.rand(1, 3, 64, 64) - 0.5
     keypoints = torch.zeros(1, 1, cfg.model.num_keypoints, 3)
@@ -74,7 +74,7 @@ def test_moving_a_keypoint_moves_what_the_decoder_draws():
 
 def test_predict_with_a_moved_keypoint_shows_original_and_manipulated_futures(tmp_path, capsys):
     cfg = load_train_config(None, TINY_MODEL)
-    model = build_model(cfg.model).eval()
+    model = build_family(cfg.model).root.eval()
     frames, _ = make_clip(BasketballOptions(), 12, 64, np.random.default_rng(1))
     plain = predict(model, cfg, frames, future=4, samples=2, observed=6)
     both = predict(model, cfg, frames, future=4, samples=2, observed=6, moves={0: (8.0, 0.0)})

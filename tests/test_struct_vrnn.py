@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kpscale.config import ConfigError, validate
-from kpscale.models import MODELS, build_model
+from kpscale.models import FAMILIES, build_family
 from kpscale.models.keypoints import (ImageDecoder, KeypointDetector, add_coord_channels,
                                       heatmaps_to_keypoints, keypoints_to_maps)
 from kpscale.models.struct_vrnn.model import (StructVRNN, StructVRNNConfig, assign, exploration_loss,
@@ -302,13 +302,13 @@ def test_config_rejects_bad_values(override, word):
 
 
 def test_registry_builds_the_model_its_config_names():
-    assert set(MODELS) == {"struct_vrnn", "cnn_vrnn"}
-    model = build_model(validate(StructVRNNConfig, {**TINY, "image_size": 128}))
+    assert set(FAMILIES) == {"struct_vrnn", "cnn_vrnn", "drnet"}
+    model = build_family(validate(StructVRNNConfig, {**TINY, "image_size": 128})).root
     assert isinstance(model, StructVRNN) and model.cfg.image_size == 128
     with pytest.raises(ConfigError, match="name"):
         validate(StructVRNNConfig, {"name": "svg"})
     with pytest.raises(KeyError, match="struct_vrnn"):
-        build_model(validate(StructVRNNConfig, TINY).model_copy(update={"name": "svg"}))
+        build_family(validate(StructVRNNConfig, TINY).model_copy(update={"name": "svg"}))
     with pytest.raises(ValueError, match="expected video"):
         model(torch.rand(1, 8, 3, 64, 64), step=0)
 

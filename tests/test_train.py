@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kpscale.models import build_model
+from kpscale.models import build_family
 from kpscale.predict import load_trained
 from kpscale.train.config import load_train_config
 from conftest import CNN_VRNN, ROOT, TINY_MODEL, exit_status, registered_step
@@ -57,7 +57,7 @@ def test_default_config_loads_and_fits_the_window():
 def _engine(cfg, seed=0):
     from kpscale.train.engine import build_engine
     torch.manual_seed(seed)
-    return build_engine(build_model(cfg.model), cfg, bf16=False)
+    return build_engine(build_family(cfg.model).optimiser("model"), cfg, bf16=False, steps=cfg.train.steps)
 
 
 def _steps(engine, batches, first_step):
@@ -124,10 +124,10 @@ def test_checkpoint_resumes_exactly(tmp_path, stage, monkeypatch):
 
     first = _engine(cfg)
     _steps(first, batches[:2], 0)
-    checkpoint.save(first, tmp_path, step=2, epoch=0, rank=0)
+    checkpoint.save({"model": first}, tmp_path, {"step": 2, "epoch": 0, "stage": "train"}, rank=0)
     torch.manual_seed(123)  # scramble the RNG: load must restore it
     resumed = _engine(cfg, seed=7)  # other initial weights: load must replace them
-    assert checkpoint.load(resumed, tmp_path, rank=0) == {"step": 2, "epoch": 0}
+    assert checkpoint.load({"model": resumed}, tmp_path, rank=0) == {"step": 2, "epoch": 0, "stage": "train"}
     _steps(resumed, batches[2:], 2)
 
     assert resumed.global_steps == straight.global_steps == 4

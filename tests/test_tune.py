@@ -89,7 +89,7 @@ def test_basketball_sweep_covers_the_papers_knobs():
     (["space={train.lr: {uniform: [0.1, 0.01]}}"], ["space.train.lr", "low must be below high"]),
     (["space={train.lr: {grid: [0.1], choice: [0.2]}}"], ["space.train.lr", "exactly one of"]),
     (["space={model.num_keypoints: {choice: [1, 4]}}"], ["space.model.num_keypoints", "choice value 1"]),
-    (["metric=accuracy"], ["metric", "trials do not report it"]),
+    (["metric=accuracy"], ["metric", "struct_vrnn trials do not report 'accuracy'", "tracking_error_observed"]),
     (["scheduler.grace_period=100"], ["scheduler.grace_period (100) exceeds train.steps (12)"]),
     (["scheduler.type=pbt"], ["space.train.lr", "use choice, not grid"]),
     (["scheduler.type=pbt", "space={model.num_keypoints: {choice: [4, 8]}}", "scheduler.perturbation_interval=4"],

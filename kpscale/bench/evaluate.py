@@ -20,7 +20,7 @@ from kpscale.data.build import build
 from kpscale.data.card import DatasetCard
 from kpscale.evaluate.__main__ import main as evaluate_main
 from kpscale.evaluate.i3d import I3D
-from kpscale.models import build_model
+from kpscale.models import build_family
 from kpscale.train.config import load_train_config
 
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> dict:
         build(load(DatasetCard, CARD, [f"splits={{train: 64, test: {args.clips}}}"]), work / "data", progress=False)
         cfg = load_train_config(args.config, [f"data.train={work / 'data' / 'train'}", *args.overrides])
         (work / "model").mkdir()
-        torch.save(build_model(cfg.model).state_dict(), work / "model" / "weights.pt")
+        torch.save(build_family(cfg.model).root.state_dict(), work / "model" / "weights.pt")
         (work / "model" / "config.yaml").write_text(cfg.to_yaml())
         torch.save(I3D().state_dict(), work / "i3d.pt")
         common = ["--run", str(work / "model"), "--data", str(work / "data" / "test"), "--samples", str(args.samples),

@@ -18,7 +18,7 @@ from kpscale.config import load
 from kpscale.data.build import build
 from kpscale.data.card import DatasetCard
 from kpscale.data.stream import ClipLoader
-from kpscale.models import build_model
+from kpscale.models import build_family
 from kpscale.train.allocator import keep_freed_memory
 from kpscale.train.config import TrainConfig, load_train_config
 from kpscale.train.engine import param_groups
@@ -45,7 +45,7 @@ def _bare_loop(cfg: TrainConfig, steps: int) -> float:
     keep_freed_memory()
     torch.set_num_threads(cfg.train.cpus_per_worker)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model)
+    model = build_family(cfg.model).root
     optimizer = torch.optim.Adam(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
     loader = ClipLoader(cfg.data.train, cfg.data, window=cfg.window, rank=0, world_size=1)
     warmup, clips, started, step = 3, 0, 0.0, 0
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> dict:
         ray_rate = sum(single["train/clips_per_s"][1:]) / len(single["train/clips_per_s"][1:])  # first window warms up
 
     device = "GPU" if torch.cuda.is_available() else f"CPU, {base.train.cpus_per_worker} threads"
-    print(f"\nkpscale.bench train: {type(build_model(base.model)).__name__}, batch {base.data.batch_size} x "
+    print(f"\nkpscale.bench train: {base.model.name}, batch {base.data.batch_size} x "
           f"{base.window} frames at {base.model.image_size}px, {device}\n")
     print(f"{'bare PyTorch loop':<40}{bare:>8.1f} clips/s")
     print(f"{'Ray Train + DeepSpeed, 1 worker':<40}{ray_rate:>8.1f} clips/s   ratio {ray_rate / bare:.2f}")

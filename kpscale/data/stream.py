@@ -86,6 +86,9 @@ def _is_local(spec: str) -> bool:
 class DataConfig(LoaderConfig):
     train: str | None = None  # shard folder, glob, manifest, brace list or URL (s3://, gs://, pipe:)
     test: str | None = None
+    # With train null: the shipped card (datasets/<card>.yaml) whose data, in data/<card>, is
+    # used, built there first when missing.
+    card: str = Field("basketball", pattern=r"^[A-Za-z0-9_-]+$")
 
     @field_validator("train", "test")
     @classmethod

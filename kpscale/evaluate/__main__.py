@@ -95,12 +95,13 @@ def _remote_part(state: dict, cfg_dict: dict, ecfg_dict: dict, weights, position
     from kpscale.evaluate.fvd import FVD
     from kpscale.evaluate.frames import load_vgg
     from kpscale.evaluate.i3d import load_i3d
-    from kpscale.models import build_model
+    from kpscale.models import build_family
     from kpscale.train.config import TrainConfig
 
     cfg, ecfg = TrainConfig.model_validate(cfg_dict), EvaluateConfig.model_validate(ecfg_dict)
-    model = build_model(cfg.model)
-    model.load_state_dict(state)
+    family = build_family(cfg.model)
+    family.root.load_state_dict(state)
+    model = family.predictor()
     i3d = FVD(load_i3d(ecfg.i3d), "cpu") if use_i3d else None
     vgg = load_vgg(ecfg.vgg) if use_vgg else None
     return evaluate_part(model.eval(), cfg, ecfg, weights, positions, i3d, vgg, rank, world)

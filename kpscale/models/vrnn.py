@@ -5,13 +5,14 @@ train it. Each model family's config derives from `VRNNConfig` and adds its repr
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from kpscale.config import Config
+from kpscale.models.family import Family, Optimiser, Stage
 
 
 class VRNNConfig(Config):
@@ -257,3 +258,41 @@ class VRNNVideoModel(nn.Module):
         b = video.shape[0]
         return (predicted.flatten(2).unflatten(0, (b, num_samples)),
                 (decoded + 0.5).clamp(0, 1).unflatten(0, (b, num_samples)))
+
+
+class VRNNFamily(Family):
+    """Struct-VRNN and CNN-VRNN train in one stage, with one optimiser over the whole model, the
+    image model and the dynamics together (as official). Subclasses name the config and the
+    network."""
+
+    network: ClassVar[type[VRNNVideoModel]]
+    stages = (Stage("train", ("model",)),)
+    metrics = ("tracking_error_observed", "tracking_error_predicted", "train/loss", "train/reconstruction",
+               "train/kl", "train/future")
+
+    def __init__(self, cfg: VRNNConfig):
+        super().__init__(cfg)
+        self.root = self.network(cfg)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.root}
+
+    def optimiser(self, name: str) -> Optimiser:
+        return Optimiser(self.root)
+
+    def loss(self, stage, optimiser, engine, batch, step, outputs) -> dict:
+        return engine(batch["video"], step, decode_predictions=False)
+
+    def evaluate(self, cfg, stage, device, dtype):
+        from kpscale.evaluate.snapshot import evaluate
+
+        return evaluate(self.root, cfg, device, dtype, fit_clips=cfg.train.eval_clips, test_clips=cfg.train.eval_clips)
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        found = (f"; a keypoint on {metrics['objects_found']:.0f} of "
+                 f"{sum(name.startswith('keypoint_distance/') for name in metrics)} objects"
+                 if "objects_found" in metrics else "")
+        return (f"tracking error {metrics['tracking_error_observed']:.2f} px observed, "
+                f"{metrics['tracking_error_predicted']:.2f} px predicted (best of {self.cfg.num_samples}), "
+                f"no dynamics {metrics['tracking_error_no_dynamics']:.2f} px, "
+                f"null model {metrics['tracking_error_null']:.2f} px{found}")

@@ -7,18 +7,22 @@ import logging
 
 from torch import nn
 
+from kpscale.models.family import Optimiser
 from kpscale.train.config import TrainConfig, TrainSection
 
 
-def build_engine(model: nn.Module, cfg: TrainConfig, bf16: bool):
-    """A DeepSpeed engine training `model` as `cfg.train` says. DeepSpeed must have been
-    imported after DS_ACCELERATOR was set (DeepSpeed picks its accelerator on import)."""
+def build_engine(optimiser: Optimiser, cfg: TrainConfig, bf16: bool, steps: int):
+    """A DeepSpeed engine training `optimiser.module` as `cfg.train` says, its schedule over
+    `steps` (the stage's). DeepSpeed must have been imported after DS_ACCELERATOR was set
+    (DeepSpeed picks its accelerator on import)."""
     import deepspeed
 
     skip_shm_comm_op()
     logging.getLogger("DeepSpeed").addFilter(_not_the_schedule_start_warning)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
-                                      config=deepspeed_config(cfg.train, cfg.data.batch_size, bf16))
+    engine, *_ = deepspeed.initialize(
+        model=optimiser.module, model_parameters=param_groups(optimiser.module, cfg.train.weight_decay),
+        config=deepspeed_config(cfg.train, cfg.data.batch_size, bf16, steps, optimiser.lr or cfg.train.lr,
+                                optimiser.betas))
     return engine
 
 
@@ -55,13 +59,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list:
             {"params": [p for p in trainable if id(p) not in kernels], "weight_decay": 0.0}]
 
 
-def deepspeed_config(train: TrainSection, batch_size: int, bf16: bool) -> dict:
+def deepspeed_config(train: TrainSection, batch_size: int, bf16: bool, steps: int, lr: float,
+                     betas: tuple[float, float]) -> dict:
     warmup = {"warmup_num_steps": train.warmup_steps, "warmup_type": "linear"}
     schedule = {
-        "constant": ("WarmupLR", {"warmup_min_lr": 0.0, "warmup_max_lr": train.lr, **warmup}),
-        "linear": ("WarmupDecayLR", {"warmup_min_lr": 0.0, "warmup_max_lr": train.lr,
-                                     "total_num_steps": train.steps, **warmup}),
-        "cosine": ("WarmupCosineLR", {"total_num_steps": train.steps, "warmup_min_ratio": 0.0,
+        "constant": ("WarmupLR", {"warmup_min_lr": 0.0, "warmup_max_lr": lr, **warmup}),
+        "linear": ("WarmupDecayLR", {"warmup_min_lr": 0.0, "warmup_max_lr": lr,
+                                     "total_num_steps": steps, **warmup}),
+        "cosine": ("WarmupCosineLR", {"total_num_steps": steps, "warmup_min_ratio": 0.0,
                                       "cos_min_ratio": 0.1, **warmup}),
     }[train.lr_schedule]
     return {
@@ -71,7 +76,7 @@ def deepspeed_config(train: TrainSection, batch_size: int, bf16: bool) -> dict:
         # torch's Adam: DeepSpeed's own would be JIT-compiled on first use (minutes, needs a compiler).
         # adam_w_mode off: DeepSpeed's "Adam" is otherwise torch AdamW, which adds its own
         # decoupled decay (0.01) to every parameter; the decay here is the coupled L2 of the groups.
-        "optimizer": {"type": "Adam", "params": {"lr": train.lr, "torch_adam": True, "adam_w_mode": False}},
+        "optimizer": {"type": "Adam", "params": {"lr": lr, "betas": list(betas), "torch_adam": True, "adam_w_mode": False}},
         "scheduler": {"type": schedule[0], "params": schedule[1]},
         "zero_optimization": {"stage": train.zero_stage},
         "bf16": {"enabled": bf16},

@@ -15,25 +15,27 @@ from kpscale.data.shards import MANIFEST
 from kpscale.train.config import TrainConfig
 
 log = logging.getLogger("kpscale.train")
-DEFAULT_DATA = Path("data/basketball")
-DEFAULT_CARD = Path(__file__).resolve().parents[2] / "datasets" / "basketball.yaml"
+CARDS = Path(__file__).resolve().parents[2] / "datasets"
 
 
 def with_default_data(cfg: TrainConfig) -> TrainConfig:
-    """Point data.train/test at the default basketball shards, building them when missing."""
+    """Point data.train/test at the shards of the shipped card data.card in data/<card>,
+    building them when missing."""
     if cfg.data.train is not None:
         return cfg
-    if not (DEFAULT_DATA / "train" / MANIFEST).exists():
+    folder, card = Path("data") / cfg.data.card, CARDS / f"{cfg.data.card}.yaml"
+    if not (folder / "train" / MANIFEST).exists():
         from kpscale.config import load
         from kpscale.data.build import build
         from kpscale.data.card import DatasetCard
 
-        if not DEFAULT_CARD.exists():
-            raise ConfigError(f"data.train is not set and the default card {DEFAULT_CARD} is missing")
-        log.info("data.train not given and %s missing: building it from %s", DEFAULT_DATA, DEFAULT_CARD)
-        build(load(DatasetCard, DEFAULT_CARD), DEFAULT_DATA)
-    data = cfg.data.model_copy(update={"train": str((DEFAULT_DATA / "train").resolve()),
-                                       "test": cfg.data.test or str((DEFAULT_DATA / "test").resolve())})
+        if not card.exists():
+            raise ConfigError(f"data.train is not set and data.card {cfg.data.card!r} is not a shipped card "
+                              f"({card} is missing)")
+        log.info("data.train not given and %s missing: building it from %s", folder, card)
+        build(load(DatasetCard, card), folder)
+    data = cfg.data.model_copy(update={"train": str((folder / "train").resolve()),
+                                       "test": cfg.data.test or str((folder / "test").resolve())})
     return cfg.model_copy(update={"data": data})
 
 
@@ -98,6 +100,7 @@ def fit(cfg: TrainConfig, parent_run_id: str | None = None, callbacks: list | No
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from kpscale.models import FAMILIES
     from kpscale.tracking import git_commit, open_run, tracking_uri
     from kpscale.train import allocator
     from kpscale.train.loop import train_loop
@@ -106,7 +109,7 @@ def fit(cfg: TrainConfig, parent_run_id: str | None = None, callbacks: list | No
     storage = cfg.train.storage if "://" in cfg.train.storage else str(Path(cfg.train.storage).resolve())
     uri = tracking_uri(cfg.tracking.uri)
     marker = f"{storage}/{cfg.train.run_name}/mlflow_run_id"
-    run_tags = {"git_commit": git_commit(), "dataset": dataset_name(cfg.data.train), "model": type(cfg.model).__name__,
+    run_tags = {"git_commit": git_commit(), "dataset": dataset_name(cfg.data.train), "model": cfg.model.name,
                 **(tags or {})}
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id  # shown nested under the sweep in the MLflow UI
@@ -114,7 +117,9 @@ def fit(cfg: TrainConfig, parent_run_id: str | None = None, callbacks: list | No
     log.info("MLflow run %s in %s; checkpoints in %s/%s", run_id, uri, storage, cfg.train.run_name)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "mlflow_run_id": run_id, "tracking_uri": uri},
+        # The config and the family as objects: a family the workers' registry lacks (a test's) trains too.
+        train_loop_config={"cfg": cfg, "family": FAMILIES[cfg.model.name], "mlflow_run_id": run_id,
+                           "tracking_uri": uri},
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -1,8 +1,12 @@
-"""The loop every Ray Train worker runs: stream this rank's clips, step a DeepSpeed engine,
-checkpoint, and (rank 0) log to MLflow."""
+"""The loop every Ray Train worker runs: stream this rank's clips, step one DeepSpeed engine
+per optimiser of the model family's stage, stage after stage, checkpoint, and (rank 0) log to
+MLflow. The family (kpscale.models.family) says what each optimiser's loss is; this file says
+how it is trained, the same for every family."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import resource
@@ -17,7 +21,6 @@ import torch.distributed as dist
 
 from kpscale import logs
 from kpscale.data.stream import ClipLoader
-from kpscale.models import build_model
 from kpscale.train.config import TrainConfig
 
 log = logging.getLogger("kpscale.train")
@@ -25,7 +28,7 @@ log = logging.getLogger("kpscale.train")
 
 def train_loop(config: dict) -> None:
     logs.setup()
-    cfg = TrainConfig.model_validate(config["cfg"])
+    cfg, family_class = config["cfg"], config["family"]  # validated by the driver
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -36,63 +39,145 @@ def train_loop(config: dict) -> None:
     from kpscale.train.engine import build_engine
 
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(cfg.train.seed + rank)
-    model = build_model(cfg.model)
-    engine = build_engine(model, cfg, bf16)
-    step, epoch = 0, 0
+    family = family_class(cfg.model)
+    stages, step, epoch = cfg.stages(family_class), 0, 0
+    ends = list(itertools.accumulate(s.steps for s in stages))
     restored = ray.train.get_checkpoint()
     if restored is None and cfg.train.init_checkpoint:
         restored = ray.train.Checkpoint(cfg.train.init_checkpoint)
-    if restored:
-        with restored.as_directory() as folder:
-            state = checkpoint.load(engine, folder, rank)
-        # Resume at the next epoch: the step counter, optimizer, schedule and RNG continue;
-        # the data order starts a fresh (different) shuffle.
-        step, epoch = state["step"], state["epoch"] + 1
-        log.info("rank %d resumed at step %d%s", rank, step,
-                 f" of {cfg.train.steps}: nothing left to train" if step >= cfg.train.steps else "")
-
-    loader = ClipLoader(cfg.data.train, cfg.data, window=cfg.window, rank=rank, world_size=world)
-    if rank == 0:
-        mlflow.set_tracking_uri(config["tracking_uri"])
-        mlflow.start_run(run_id=config["mlflow_run_id"])
-    if rank == 0 and step < cfg.train.steps:
-        log.info("training %s on %d clips (%d batches per epoch per rank) with %d workers, ZeRO-%d, %s, "
-                 "%d torch threads per worker", type(model).__name__, loader.num_samples, len(loader), world,
-                 cfg.train.zero_stage, "bf16" if bf16 else "fp32", torch.get_num_threads())
-    meter = Meter()
-    latest: dict[str, float] = {}  # the last logged loss terms and evaluation, reported to Ray (and Tune)
-    while step < cfg.train.steps:
-        loader.set_epoch(epoch)
-        fetch = time.perf_counter()
-        for batch in loader:
-            meter.waited += time.perf_counter() - fetch
-            video = batch["video"].to(device, non_blocking=True)
-            out = engine(video.to(torch.bfloat16) if bf16 else video, step, decode_predictions=False)
-            engine.backward(out["loss"])
-            engine.step()
-            step += 1
-            meter.add(len(video), {"loss": out["loss"], **out["terms"]})
-            last = step == cfg.train.steps
-            if step % cfg.train.log_every == 0 or last:
-                latest.update(meter.log(loader, step, rank, engine.get_lr()[0]))
-                meter = Meter()
-            paused = time.perf_counter()
-            evaluated = step % cfg.train.eval_every == 0 or last
-            if evaluated:
-                latest.update(_evaluate(engine, cfg, device, step, rank))
-            saved = step % cfg.train.checkpoint_every == 0 or last
-            if last:  # before the last report, on which a sweep may stop the trial
-                _log_model(engine, cfg, rank)
-            if evaluated or saved:
-                _report(engine, checkpoint, latest, step, epoch, rank, save=saved)
-            meter.started += time.perf_counter() - paused  # evaluation and checkpoints are not training time
-            if step >= cfg.train.steps:
-                break
-            fetch = time.perf_counter()
-        epoch += 1
+    with contextlib.ExitStack() as opened:
+        folder = opened.enter_context(restored.as_directory()) if restored else None
+        saved_stage = checkpoint.stage(folder) if folder else None
+        first = [s.name for s in stages].index(saved_stage) if saved_stage else 0
+        loader = ClipLoader(cfg.data.train, cfg.data, window=cfg.window, rank=rank, world_size=world)
+        if rank == 0:
+            mlflow.set_tracking_uri(config["tracking_uri"])
+            mlflow.start_run(run_id=config["mlflow_run_id"])
+        meter = Meter()
+        latest: dict[str, float] = {}  # the last logged loss terms and evaluation, reported to Ray (and Tune)
+        weights = None  # the whole model at the end of a stage, which the next one starts from
+        for index in range(first, len(stages)):
+            section, stage = stages[index], family.stage(stages[index].name)
+            if index > first:  # the previous stage's weights, in fresh modules without its engines' hooks
+                with torch.random.fork_rng(devices=[]):
+                    family = family_class(cfg.model)
+                family.root.load_state_dict(weights)
+            elif section.init_from and not folder:
+                from kpscale.tracking import model_folder
+                source = model_folder(section.init_from, config["tracking_uri"]) / "weights.pt"
+                family.root.load_state_dict(torch.load(source, map_location="cpu", weights_only=True))
+            modules = family.modules()
+            frozen = {name: modules[name] for name in (*stage.frozen, *section.freeze)}
+            if folder and index == first:
+                family.root.load_state_dict(checkpoint.load_frozen(folder), strict=False)
+            for module in frozen.values():
+                module.requires_grad_(False).eval().to(device, dtype)
+            optimisers = {name: family.optimiser(name) for name in stage.optimisers}
+            _check_disjoint(optimisers, cfg.model.name)
+            engines = {name: build_engine(optimiser, cfg, bf16, section.steps) for name, optimiser in optimisers.items()}
+            if folder and index == first:
+                state = checkpoint.load(engines, folder, rank)
+                # Resume at the next epoch: the step counter, optimizers, schedules and RNG continue;
+                # the data order starts a fresh (different) shuffle.
+                step, epoch = state["step"], state["epoch"] + 1
+                log.info("rank %d resumed at step %d%s", rank, step,
+                         f" of {cfg.train.steps}: nothing left to train" if step >= cfg.train.steps else "")
+                opened.close()  # a downloaded checkpoint's files are no longer needed
+            trainable = {name: [p for p in engine.module.parameters() if p.requires_grad]
+                         for name, engine in engines.items()}
+            weights = None
+            if rank == 0 and step < ends[index]:
+                what = cfg.model.name + (f", stage {section.name} (steps {step + 1}-{ends[index]})"
+                                         if cfg.train.stages else "")
+                if len(engines) > 1:
+                    what += f", optimisers {' then '.join(engines)}"
+                log.info("training %s on %d clips (%d batches per epoch per rank) with %d workers, ZeRO-%d, %s, "
+                         "%d torch threads per worker%s", what, loader.num_samples, len(loader), world,
+                         cfg.train.zero_stage, "bf16" if bf16 else "fp32", torch.get_num_threads(),
+                         f"; {', '.join(frozen)} frozen" if frozen else "")
+            while step < ends[index]:
+                loader.set_epoch(epoch)
+                fetch = time.perf_counter()
+                for batch in loader:
+                    meter.waited += time.perf_counter() - fetch
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+                    batch["video"] = batch["video"].to(dtype)
+                    outputs = optimiser_steps(family, stage.name, engines, trainable, batch, step)
+                    step += 1
+                    meter.add(len(batch["video"]), _terms(outputs))
+                    end = step == ends[index]
+                    if step % cfg.train.log_every == 0 or end:
+                        latest.update(meter.log(loader, step, rank, _lrs(engines)))
+                        meter = Meter()
+                    paused = time.perf_counter()
+                    evaluated = step % cfg.train.eval_every == 0 or end
+                    if evaluated:
+                        latest.update(_evaluate(family, stage.name, frozen, cfg, device, dtype, step, rank))
+                    saved = step % cfg.train.checkpoint_every == 0 or end
+                    if end:  # collective; before the last report, on which a sweep may stop the trial
+                        weights = _full_weights(family, cfg, rank)
+                        if rank == 0:
+                            _log_model(weights, cfg)
+                    if evaluated or saved:
+                        frozen_weights = {f"{name}.{k}": v for name, module in frozen.items()
+                                          for k, v in module.state_dict().items()}
+                        _report(engines, checkpoint, latest, {"step": step, "epoch": epoch, "stage": section.name},
+                                frozen_weights, rank, save=saved)
+                    meter.started += time.perf_counter() - paused  # evaluation and checkpoints are not training time
+                    if end:
+                        break
+                    fetch = time.perf_counter()
+                epoch += 1
+            if weights is None and index + 1 < len(stages):  # resumed at this stage's end
+                weights = _full_weights(family, cfg, rank)
     if rank == 0:
         mlflow.end_run()
+
+
+def _check_disjoint(optimisers: dict, family: str) -> None:
+    """A parameter in two engines would be stepped (and under ZeRO partitioned) twice."""
+    owner = {}
+    for name, optimiser in optimisers.items():
+        for p in optimiser.module.parameters():
+            if owner.setdefault(id(p), name) != name:
+                raise ValueError(f"{family}: optimisers {owner[id(p)]} and {name} hold the same parameter; a module "
+                                 "another optimiser trains must be borrowed (kpscale.models.family.borrow)")
+
+
+def optimiser_steps(family, stage: str, engines: dict, trainable: dict[str, list], batch: dict, step: int) -> dict:
+    """One step of each of the stage's optimisers, in order; returns what each loss returned.
+    Only the stepping optimiser's parameters take a gradient from its loss, which may run
+    through the others' modules (Lightning's toggle_optimizer)."""
+    outputs = {}
+    for name, engine in engines.items():
+        if len(engines) > 1:
+            for other, params in trainable.items():
+                for p in params:
+                    p.requires_grad_(other == name)
+        outputs[name] = family.loss(stage, name, engine, batch, step, outputs)
+        engine.backward(outputs[name]["loss"])
+        engine.step()
+    for params in trainable.values():  # before any save: ZeRO saves a parameter without a gradient as frozen
+        for p in params:
+            p.requires_grad_(True)
+    return outputs
+
+
+def _terms(outputs: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """What an optimiser step logs: train/loss and train/<term> for one optimiser, else
+    train/<optimiser>/loss and train/<optimiser>/<term>."""
+    named = {name: {"loss": out["loss"], **out["terms"]} for name, out in outputs.items()}
+    if len(named) == 1:
+        return next(iter(named.values()))
+    return {f"{name}/{term}": value for name, terms in named.items() for term, value in terms.items()}
+
+
+def _lrs(engines: dict) -> dict[str, float]:
+    if len(engines) == 1:
+        return {"lr": next(iter(engines.values())).get_lr()[0]}
+    return {f"lr/{name}": engine.get_lr()[0] for name, engine in engines.items()}
 
 
 def peak_memory_mb() -> float:
@@ -115,7 +200,7 @@ class Meter:
         for name, value in terms.items():
             self.sums[name] += value.item()
 
-    def log(self, loader: ClipLoader, step: int, rank: int, lr: float) -> dict[str, float]:
+    def log(self, loader: ClipLoader, step: int, rank: int, lrs: dict[str, float]) -> dict[str, float]:
         """Collective: throughput and skipped clips are totals over ranks. Returns the metrics
         on rank 0, nothing on the others."""
         seconds = time.perf_counter() - self.started
@@ -129,60 +214,61 @@ class Meter:
         metrics.update({"train/clips_per_s": totals[0].item() / seconds,
                         "train/data_wait_fraction": self.waited / seconds,
                         "train/skipped_clips": totals[1].item(), "train/skipped_shards": totals[2].item(),
-                        "train/lr": lr, "system/peak_memory_mb": peak.item()})
+                        **{f"train/{name}": lr for name, lr in lrs.items()}, "system/peak_memory_mb": peak.item()})
         mlflow.log_metrics(metrics, step=step)
-        log.info("step %d: loss %.4f, %.1f clips/s, %.0f%% of the time waiting for data", step,
-                 metrics["train/loss"], metrics["train/clips_per_s"], 100 * metrics["train/data_wait_fraction"])
+        losses = ", ".join(f"{v:.4f}" + (f" ({k[len('train/'):-len('/loss')]})" if k != "train/loss" else "")
+                           for k, v in metrics.items() if k == "train/loss" or k.endswith("/loss"))
+        log.info("step %d: loss %s, %.1f clips/s, %.0f%% of the time waiting for data", step, losses,
+                 metrics["train/clips_per_s"], 100 * metrics["train/data_wait_fraction"])
         return metrics
 
 
-def _evaluate(engine, cfg: TrainConfig, device: torch.device, step: int, rank: int) -> dict[str, float]:
+def _evaluate(family, stage: str, frozen: dict, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
+              step: int, rank: int) -> dict[str, float]:
     """On every rank (a ZeRO-3 forward pass needs them all); rank 0 logs."""
     from kpscale.evaluate.media import save_gif
-    from kpscale.evaluate.snapshot import evaluate
 
-    dtype = next(engine.module.parameters()).dtype
-    metrics, video = evaluate(engine.module, cfg, device, dtype, fit_clips=cfg.train.eval_clips,
-                              test_clips=cfg.train.eval_clips)
+    metrics, video = family.evaluate(cfg, stage, device, dtype)
+    for module in frozen.values():  # the evaluation hands the model back in training mode
+        module.eval()
     if rank != 0:
         return metrics
     mlflow.log_metrics(metrics, step=step)
-    found = (f"; a keypoint on {metrics['objects_found']:.0f} of "
-             f"{sum(name.startswith('keypoint_distance/') for name in metrics)} objects" if "objects_found" in metrics else "")
-    log.info("step %d: tracking error %.2f px observed, %.2f px predicted (best of %d), no dynamics %.2f px, "
-             "null model %.2f px%s", step, metrics["tracking_error_observed"], metrics["tracking_error_predicted"],
-             cfg.model.num_samples, metrics["tracking_error_no_dynamics"], metrics["tracking_error_null"], found)
+    log.info("step %d: %s", step, family.describe(metrics))
     with tempfile.TemporaryDirectory() as folder:
         mlflow.log_artifact(str(save_gif(video, f"{folder}/step-{step:07d}.gif")), artifact_path="videos")
     return metrics
 
 
-def _log_model(engine, cfg: TrainConfig, rank: int) -> None:
-    """Full fp32 weights and the config as MLflow artifacts `model/`, loadable with
-    torch.load(weights_only=True). Collective: under ZeRO-3 the parameters are gathered."""
+def _full_weights(family, cfg: TrainConfig, rank: int) -> dict[str, torch.Tensor]:
+    """The family's whole state, fp32 on the CPU, on every rank. Collective: under ZeRO-3 the
+    parameters are gathered."""
     import deepspeed
 
-    params = list(engine.module.parameters())
+    params = list(family.root.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=cfg.train.zero_stage == 3):
-        if rank == 0:
-            state = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
-    if rank != 0:
-        return
+        return {k: v.detach().float().cpu().clone() for k, v in family.root.state_dict().items()}
+
+
+def _log_model(weights: dict[str, torch.Tensor], cfg: TrainConfig) -> None:
+    """The weights and the config as MLflow artifacts `model/`, loadable with
+    torch.load(weights_only=True)."""
     with tempfile.TemporaryDirectory() as folder:
-        torch.save(state, f"{folder}/weights.pt")
+        torch.save(weights, f"{folder}/weights.pt")
         with open(f"{folder}/config.yaml", "w") as f:
             f.write(cfg.to_yaml())
         mlflow.log_artifacts(folder, artifact_path="model")
 
 
-def _report(engine, checkpoint, latest: dict[str, float], step: int, epoch: int, rank: int, save: bool) -> None:
+def _report(engines: dict, checkpoint, latest: dict[str, float], progress: dict, frozen: dict, rank: int,
+            save: bool) -> None:
     """Report the latest metrics to Ray Train (and through it to Tune), with a checkpoint when
     `save`. Collective: every rank reports, the same number of times."""
-    metrics = {**latest, "step": step, "epoch": epoch, "lr": engine.get_lr()[0]}
+    metrics = {**latest, "step": progress["step"], "epoch": progress["epoch"], **_lrs(engines)}
     if not save:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint.save(engine, folder, step, epoch, rank)
+        checkpoint.save(engines, folder, progress, rank, frozen)
         dist.barrier()
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

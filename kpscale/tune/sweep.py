@@ -8,17 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from kpscale.config import Config, ConfigError, apply_overrides, read_config, read_yaml, validate, with_values
 from kpscale.train.config import DEFAULT as DEFAULT_TRAIN_CONFIG
+from kpscale.models import FAMILIES
 from kpscale.train.config import TrainConfig
 
 TRAIN_SECTIONS = tuple(TrainConfig.model_fields)  # overrides starting with these go to the base config
-# What a trial reports to Tune: the evaluation's tracking errors and the logged loss terms.
-EVAL_METRICS = ("tracking_error_observed", "tracking_error_predicted")
-LOSS_METRICS = ("train/loss", "train/reconstruction", "train/separation", "train/sparsity", "train/kl",
-                "train/future", "train/exploration")
 
 
 class Param(Config):
@@ -95,13 +92,6 @@ class SweepConfig(Config):
     max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the cluster fits
     storage: str = "runs/sweeps"  # Tune state and each trial's checkpoints; shared storage on a cluster
 
-    @field_validator("metric")
-    @classmethod
-    def _known_metric(cls, metric: str) -> str:
-        if metric not in EVAL_METRICS + LOSS_METRICS:
-            raise ValueError(f"trials do not report it; use one of {', '.join(EVAL_METRICS + LOSS_METRICS)}")
-        return metric
-
 
 BASE = "base"  # a space key of its own: the training config file each trial starts from
 
@@ -165,7 +155,12 @@ def _check_space(sweep: Sweep) -> None:
         if not sweep.base_path(base).is_file():
             where = f"space.{BASE}" if BASE in sweep.cfg.space else BASE
             raise ConfigError(f"{sweep.source}: {where}: {sweep.base_path(base)} does not exist")
-        known = sweep.trial_config({BASE: base}).flat()
+        trial = sweep.trial_config({BASE: base})
+        reported = FAMILIES[trial.model.name].metrics
+        if sweep.cfg.metric not in reported:
+            raise ConfigError(f"{sweep.source}: metric: {trial.model.name} trials do not report "
+                              f"{sweep.cfg.metric!r}; use one of {', '.join(reported)}")
+        known = trial.flat()
         for key, param in sweep.cfg.space.items():
             if key == BASE:
                 continue
@@ -186,7 +181,7 @@ def _check_scheduler(sweep: Sweep, base: TrainConfig) -> None:
     if s.type == "asha" and s.grace_period > steps:
         raise ConfigError(f"{sweep.source}: scheduler.grace_period ({s.grace_period}) exceeds train.steps ({steps})")
     first_decision = s.grace_period if s.type == "asha" else s.perturbation_interval
-    if s.type != "fifo" and sweep.cfg.metric in EVAL_METRICS and base.train.eval_every > first_decision:
+    if s.type != "fifo" and not sweep.cfg.metric.startswith("train/") and base.train.eval_every > first_decision:
         raise ConfigError(f"{sweep.source}: train.eval_every ({base.train.eval_every}) must not exceed the "
                           f"scheduler's first decision at step {first_decision}, or it never sees {sweep.cfg.metric}")
     if s.type == "pbt":
@@ -205,10 +200,13 @@ def _check_scheduler(sweep: Sweep, base: TrainConfig) -> None:
 
 
 def _changes_parameter_shapes(sweep: Sweep, key: str, values: list[Any]) -> bool:
-    from kpscale.models import build_model
+    import torch
+
+    from kpscale.models import build_family
 
     if not key.startswith("model."):
         return False
-    shapes = [{k: tuple(v.shape) for k, v in build_model(sweep.trial_config({key: v}).model).state_dict().items()}
-              for v in (values[0], values[-1])]
+    with torch.device("meta"):
+        shapes = [{k: tuple(v.shape) for k, v in build_family(sweep.trial_config({key: v}).model).root.state_dict().items()}
+                  for v in (values[0], values[-1])]
     return shapes[0] != shapes[1]

@@ -17,11 +17,11 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kpscale.models.keypoints import ImageDecoder, ImageEncoder, add_coord_channels, channels_last
-from kpscale.models.vrnn import VRNN, VRNNConfig, VRNNVideoModel
+from kpscale.models.vrnn import VRNN, VRNNConfig, VRNNFamily, VRNNVideoModel
 
 
 class CNNVRNNConfig(VRNNConfig):
-    name: Literal["cnn_vrnn"] = "cnn_vrnn"  # the registry key (kpscale.models.MODELS)
+    name: Literal["cnn_vrnn"] = "cnn_vrnn"  # the registry key (kpscale.models.FAMILIES)
     representation_size: int = Field(36, ge=1)  # the paper: 3K, K = 12 on Basketball
     map_channels: int = Field(12, ge=1)  # decoder input maps made from the vector (Struct-VRNN: one per keypoint)
 
@@ -65,3 +65,8 @@ class CNNVRNN(VRNNVideoModel):
 
     def render(self, states: Tensor, first_frame: Tensor, first_states: Tensor) -> Tensor:
         return self.decoder(self._maps(states), first_frame, self._maps(first_states))
+
+
+class CNNVRNNFamily(VRNNFamily):
+    config = CNNVRNNConfig
+    network = CNNVRNN

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -23,7 +22,7 @@ from kpscale.config import Config
 
 
 class DrNetConfig(Config):
-    name: Literal["drnet"] = "drnet"  # the registry key (kpscale.models.MODELS)
+    name: Literal["drnet"] = "drnet"  # the registry key (kpscale.models.FAMILIES)
     image_size: Literal[64] = 64
     channels: int = Field(3, ge=1)  # image channels: Moving MNIST's digits are coloured (one per channel)
     filters: int = Field(64, ge=1)  # DCGAN width at 32x32; x2 at each halving
@@ -35,6 +34,8 @@ class DrNetConfig(Config):
     lstm_layers: int = Field(2, ge=1)
     observed: int = Field(5, ge=1)  # Moving MNIST in the paper: 5 observed, 10 predicted
     predicted: int = Field(10, ge=1)
+    adam_beta1: float = Field(0.5, ge=0, lt=1)  # official, for every network (lr: train.lr, official 2e-3)
+    num_samples: Literal[1] = 1  # deterministic: one future per clip
 
 
 def _down(c_in: int, c_out: int) -> nn.Sequential:
@@ -109,6 +110,8 @@ class PosePredictor(nn.Module):
 
 
 class DrNet(nn.Module):
+    """The family's root: its five networks, and what evaluation and prediction call."""
+
     def __init__(self, cfg: DrNetConfig):
         super().__init__()
         self.cfg = cfg
@@ -118,66 +121,49 @@ class DrNet(nn.Module):
         self.scene_discriminator = SceneDiscriminator(cfg.pose_size, cfg.discriminator_hidden)
         self.predictor = PosePredictor(cfg)
 
-    @staticmethod
-    def four_frames(video: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """[B, T, C, H, W] -> [B, 4, C, H, W]: frames at four random times of the clips (the same
-        times for the batch), as the losses below take them."""
-        times = torch.randint(video.shape[1], (4,), generator=generator)
-        return video[:, times.to(video.device)]
-
-    def disentangle_losses(self, frames: Tensor) -> dict[str, Tensor]:
-        """Stage 1, the encoders' and decoder's step. frames [B, 4, C, H, W]: four frames of each
-        clip (`four_frames`); content from the first two, pose from the last two. The third is
-        reconstructed from the first's content and its own pose."""
-        c1, c2, p1, p2 = frames.unbind(1)
-        content, skips = self.content_encoder(c1)
-        other_content = self.content_encoder(c2)[0].detach()
-        pose = self.pose_encoder(p1)[0]
-        other_pose = self.pose_encoder(p2)[0].detach()
-        reconstruction = F.mse_loss(self.decoder(content, skips, pose), p1)
-        similarity = F.mse_loss(content, other_content)
-        # Maximum entropy: the discriminator, whatever pair it sees, should not be able to tell.
-        logits = self.scene_discriminator(pose, other_pose)
-        adversarial = F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, 0.5))
-        return {"reconstruction": reconstruction, "similarity": similarity,
-                "adversarial": self.cfg.adversarial_weight * adversarial}
-
-    def discriminator_loss(self, frames: Tensor) -> Tensor:
-        """Stage 1, the scene discriminator's step: pose pairs of the same clip (target 1) against
-        pairs whose second pose comes from another clip of the batch (target 0). frames as above."""
-        with torch.no_grad():
-            pose = self.pose_encoder(frames[:, 2])[0]
-            other = self.pose_encoder(frames[:, 3])[0]
-        half = len(pose) // 2
-        if half < 2:
-            raise ValueError(f"the scene discriminator needs a batch of at least 4 clips, got {len(pose)}")
-        # The first half's second poses, rotated by one: every pair there is from two different clips.
-        other = torch.cat([other[:half].roll(1, 0), other[half:]])
-        target = torch.cat([torch.zeros(half), torch.ones(len(pose) - half)]).to(pose)
-        return F.binary_cross_entropy_with_logits(self.scene_discriminator(pose, other), target)
-
-    def prediction_loss(self, frames: Tensor) -> Tensor:
-        """Stage 2: the LSTM's one-step-ahead pose error over observed + predicted frames, fed the
-        true poses, with the content of the last observed frame; the encoders are not trained."""
-        cfg = self.cfg
-        window = frames[:, :cfg.observed + cfg.predicted]
-        with torch.no_grad():
-            poses = self.pose_encoder(window.flatten(0, 1))[0].unflatten(0, window.shape[:2])
-            content = self.content_encoder(window[:, cfg.observed - 1])[0]
-        predicted, _ = self.predictor(poses[:, :-1], content)
-        return F.mse_loss(predicted, poses[:, 1:])
+    def poses(self, video: Tensor) -> Tensor:
+        """video [B, T, C, H, W] -> pose codes [B, T, Dp]."""
+        return self.pose_encoder(video.flatten(0, 1))[0].unflatten(0, video.shape[:2])
 
     @torch.no_grad()
-    def predict(self, frames: Tensor, future: int) -> Tensor:
-        """frames [B, T >= observed, C, H, W] -> the `future` frames after the observed ones,
-        decoded from the last observed frame's content and the LSTM's free-running poses."""
-        cfg = self.cfg
-        observed = frames[:, :cfg.observed]
-        poses = self.pose_encoder(observed.flatten(0, 1))[0].unflatten(0, observed.shape[:2])
-        content, skips = self.content_encoder(observed[:, -1])
+    def represent(self, video: Tensor) -> Tensor:
+        """Each frame's pose code [B, T, Dp]: the state the tracking regression reads."""
+        return self.poses(video)
+
+    def keypoints(self, states: Tensor) -> None:
+        return None
+
+    @torch.no_grad()
+    def swap(self, content_video: Tensor, pose_video: Tensor) -> Tensor:
+        """Frames [B, T, C, H, W] with the content of each clip's first frame in `content_video`
+        and the pose of every frame of the same clip in `pose_video`."""
+        content, skips = self.content_encoder(content_video[:, 0])
+        t = pose_video.shape[1]
+        poses = self.poses(pose_video).flatten(0, 1)
+        frames = self.decoder(content.repeat_interleave(t, 0), [s.repeat_interleave(t, 0) for s in skips], poses)
+        return frames.unflatten(0, pose_video.shape[:2])
+
+    @torch.no_grad()
+    def sample_future(self, video: Tensor, future: int, num_samples: int, observed: int | None = None,
+                      offsets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Pose codes [B, S, observed + future, Dp] and frames [B, S, observed + future, C, H, W]:
+        the observed frames' poses, then the LSTM's free-running ones from the first `observed`
+        frames, all decoded with the content of the last observed frame. DrNet is deterministic:
+        the S samples are the same."""
+        if offsets is not None:
+            raise ValueError("DrNet has no keypoints to move")
+        observed = observed or self.cfg.observed
+        seen = video[:, :observed]
+        poses = self.poses(seen)
+        content, skips = self.content_encoder(seen[:, -1])
         predicted, state = self.predictor(poses, content)
-        pose, out = predicted[:, -1:], []
+        pose, future_poses = predicted[:, -1:], []
         for _ in range(future):
-            out.append(self.decoder(content, skips, pose[:, 0]))
+            future_poses.append(pose)
             pose, state = self.predictor(pose, content, state)
-        return torch.stack(out, 1)
+        states = torch.cat([poses, *future_poses], 1)
+        t = states.shape[1]
+        frames = self.decoder(content.repeat_interleave(t, 0), [s.repeat_interleave(t, 0) for s in skips],
+                              states.flatten(0, 1)).unflatten(0, states.shape[:2])
+        return (states[:, None].expand(-1, num_samples, -1, -1),
+                frames[:, None].expand(-1, num_samples, -1, -1, -1, -1))

@@ -18,11 +18,11 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from kpscale.models.keypoints import EPS, ImageDecoder, KeypointDetector, coordinate_grid, keypoints_to_maps
-from kpscale.models.vrnn import VRNN, VRNNConfig, VRNNVideoModel
+from kpscale.models.vrnn import VRNN, VRNNConfig, VRNNFamily, VRNNVideoModel
 
 
 class StructVRNNConfig(VRNNConfig):
-    name: Literal["struct_vrnn"] = "struct_vrnn"  # the registry key (kpscale.models.MODELS)
+    name: Literal["struct_vrnn"] = "struct_vrnn"  # the registry key (kpscale.models.FAMILIES)
     num_keypoints: int = Field(64, ge=2)  # official default; the paper used 12 (Basketball), 48 (H3.6M)
     keypoint_sigma: float = Field(1.5, gt=0)  # Gaussian std = sigma / heatmap_size in [-1, 1] units
     separation_weight: float = Field(10.0, ge=0)
@@ -188,3 +188,9 @@ class StructVRNN(VRNNVideoModel):
         if offsets is None:
             return keypoints
         return torch.cat([keypoints[..., :2] + offsets.to(keypoints), keypoints[..., 2:]], -1)
+
+
+class StructVRNNFamily(VRNNFamily):
+    config = StructVRNNConfig
+    metrics = (*VRNNFamily.metrics, "train/separation", "train/sparsity", "train/exploration")
+    network = StructVRNN

@@ -1,0 +1,88 @@
+"""What the training loop needs from a model family (docs/family-contract.md).
+
+A family says *what* to train: its modules (the root module's children), its stages (which
+optimisers step, in which order, and which modules stay frozen), one loss per optimiser, and
+its evaluation. The loop says *how*: one DeepSpeed engine per optimiser, which parameters may
+take a gradient at each moment, checkpoints, resumption, logging. As in PyTorch Lightning's
+manual optimisation for GANs, a loss may run through another optimiser's modules; the loop then
+turns their gradients off (Lightning's `toggle_optimizer`), because a gradient left there would
+be added to the other optimiser's next step (ZeRO-0) or break its reduction (ZeRO-1 to 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from kpscale.config import Config
+
+
+@dataclass(frozen=True)
+class Optimiser:
+    """One DeepSpeed engine. `module` holds exactly the parameters it trains; a module another
+    optimiser trains is held as a plain attribute (`borrow`), never as a submodule, and called
+    as a module (under ZeRO-3 its own engine's hooks gather its parameters)."""
+
+    module: nn.Module
+    lr: float | None = None  # None: train.lr
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    optimisers: tuple[str, ...]  # each loop step steps them once each, in this order
+    frozen: tuple[str, ...] = ()  # modules used and not trained: an earlier stage (or init_from) trained them
+
+
+class Family:
+    """The one object the loop talks to. Subclasses set `config` and `stages` and build `root`,
+    the module whose children are the family's named modules and whose state dict is the
+    model's weights file."""
+
+    config: ClassVar[type[Config]]
+    stages: ClassVar[tuple[Stage, ...]]
+    # What a sweep may optimise: the evaluation's metrics, and loss terms as logged (train/...).
+    metrics: ClassVar[tuple[str, ...]]
+    root: nn.Module
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def modules(self) -> dict[str, nn.Module]:
+        return dict(self.root.named_children())
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+    def optimiser(self, name: str) -> Optimiser:
+        raise NotImplementedError
+
+    def loss(self, stage: str, optimiser: str, engine, batch: dict[str, Tensor], step: int,
+             outputs: dict[str, dict]) -> dict:
+        """{"loss": scalar, "terms": {name: scalar}, ...} for `optimiser`, from one call of its
+        `engine` (DeepSpeed's forward bookkeeping runs there). `outputs`: what the optimisers
+        before it returned this step; `step` counts from the run's start."""
+        raise NotImplementedError
+
+    def evaluate(self, cfg, stage: str, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, float], Tensor]:
+        """Metrics and a video panel on held-out clips, during training. On every rank (a ZeRO-3
+        forward pass needs them all)."""
+        raise NotImplementedError
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        """The evaluation's log line."""
+        raise NotImplementedError
+
+    def predictor(self) -> nn.Module:
+        """What kpscale.evaluate and kpscale.predict call (represent, keypoints, sample_future)."""
+        return self.root
+
+
+def borrow(owner: nn.Module, name: str, module: nn.Module) -> None:
+    """Give `owner` an attribute `name` that calls `module` without making it a submodule: its
+    parameters stay out of `owner.parameters()`, so out of the engine wrapping `owner`."""
+    object.__setattr__(owner, name, module)
