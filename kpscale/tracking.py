@@ -9,6 +9,7 @@ from pathlib import Path
 
 import fsspec
 import mlflow
+import yaml
 
 from kpscale.config import Config
 
@@ -23,6 +24,10 @@ def tracking_uri(configured: str | None) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit; under `ray job submit` (which uploads no .git) the submitter's,
+    passed as KPSCALE_GIT_COMMIT in the entrypoint."""
+    if os.environ.get("KPSCALE_GIT_COMMIT"):
+        return os.environ["KPSCALE_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                               cwd=Path(__file__).parent).stdout.strip() or "unknown"
@@ -30,9 +35,11 @@ def git_commit() -> str:
         return "unknown"
 
 
-def open_run(uri: str, experiment: str, marker: str, name: str, cfg: Config, tags: dict) -> str:
-    """The MLflow run of a training run: created with params and tags the first time, found
-    again through `marker` (a file or URL beside the checkpoints) when the run resumes."""
+def open_run(uri: str, experiment: str, marker: str, name: str, cfg: Config, tags: dict,
+             datasets: dict[str, str] | None = None) -> str:
+    """The MLflow run of a training run: created with params, tags and its datasets ({context:
+    shard spec}) the first time, found again through `marker` (a file or URL beside the
+    checkpoints) when the run resumes."""
     mlflow.set_tracking_uri(uri)
     fs, path = fsspec.core.url_to_fs(marker)
     if fs.exists(path):
@@ -40,29 +47,86 @@ def open_run(uri: str, experiment: str, marker: str, name: str, cfg: Config, tag
         mlflow.MlflowClient().update_run(run_id, status="RUNNING")
         return run_id
     experiment_id = mlflow.set_experiment(experiment).experiment_id
+    # The MLflow UI files an experiment without a kind under GenAI's evaluation runs.
+    mlflow.MlflowClient().set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
         params = cfg.flat()
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
             mlflow.log_params(dict(items[i:i + 100]))
+        for context, spec in (datasets or {}).items():
+            mlflow.log_input(dataset(spec), context=context)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     fs.pipe_file(path, run.info.run_id.encode())
     return run.info.run_id
 
 
+def dataset(spec: str):
+    """Shards as an MLflow dataset: named after their card and split, the manifest's digest."""
+    import hashlib
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from kpscale.data.shards import MANIFEST
+
+    fs, path = fsspec.core.url_to_fs(spec)
+    manifest = path if path.endswith(".parquet") else f"{path.rstrip('/')}/{MANIFEST}"
+    digest = hashlib.sha256(fs.cat_file(manifest)).hexdigest()[:16] if fs.exists(manifest) else None
+    split = Path(path.rstrip("/"))
+    card = str(split.parent / "card.yaml")
+    card_name = (yaml.safe_load(fs.cat_file(card)) or {}).get("name") if fs.exists(card) else None
+    name = f"{card_name or split.parent.name}/{split.name}"
+    with warnings.catch_warnings():  # MLflow registers its local artifact source twice and warns that it is ambiguous
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(spec)
+    return MetaDataset(source=source, name=name, digest=digest)
+
+
+def log_model(weights: dict, cfg: Config) -> None:
+    """The trained model as an MLflow pyfunc model `model` of the active run (listed under its
+    Logged models, registrable): weights.pt and config.yaml as its artifacts, kpscale/pyfunc_model.py
+    as its code."""
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    # Clips [B, T, C, H, W] in, sampled futures [B, S, T', C, H, W] out (kpscale/pyfunc_model.py).
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1,) * 5)]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,) * 6)]))
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(weights, f"{folder}/weights.pt")
+        Path(f"{folder}/config.yaml").write_text(cfg.to_yaml())
+        mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).parent / "pyfunc_model.py"),
+                                artifacts={"weights": f"{folder}/weights.pt", "config": f"{folder}/config.yaml"},
+                                signature=signature, code_paths=[str(Path(__file__).parent)],
+                                pip_requirements=_requirements())
+
+
+def _requirements() -> list[str]:
+    import importlib.metadata
+
+    return [r for r in importlib.metadata.requires("kpscale") or [] if "extra ==" not in r]
+
+
 def model_folder(run: str, uri: str | None = None) -> Path:
-    """A model folder (weights.pt, config.yaml): `run` itself when it is a folder, else the
-    `model/` artifacts of the MLflow run `run`, downloaded."""
+    """A model folder (weights.pt, config.yaml): `run` itself when it is a folder, else the model
+    an MLflow run logged (run id, runs:/ or models:/ URI), downloaded."""
     from kpscale.config import ConfigError
 
     folder = Path(run)
     if not folder.is_dir():
+        source = run if ":/" in run else f"runs:/{run}/model"
         try:
-            folder = Path(mlflow.artifacts.download_artifacts(run_id=run, artifact_path="model",
-                                                              dst_path=tempfile.mkdtemp(),
+            mlflow.set_tracking_uri(tracking_uri(uri))
+            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tempfile.mkdtemp(),
                                                               tracking_uri=tracking_uri(uri)))
         except Exception as exc:
             raise ConfigError(f"{run!r} is neither a folder nor an MLflow run with a logged model ({exc})") from None
+        if (folder / "artifacts" / "weights.pt").exists():  # a pyfunc model's layout
+            folder = folder / "artifacts"
     for name in ("weights.pt", "config.yaml"):
         if not (folder / name).exists():
             raise ConfigError(f"{folder} has no {name}: not a kpscale model")

@@ -20,6 +20,7 @@ from torch import nn
 from kpscale.config import Config
 from kpscale.models import FAMILIES
 from kpscale.models.family import Family, Optimiser, Stage, borrow
+from kpscale.tracking import model_folder
 from kpscale.train.config import load_train_config
 from test_train import _init_single_process
 
@@ -215,9 +216,7 @@ def test_a_toy_family_trains_checkpoints_and_resumes_at_a_stage_boundary_through
         fit(_config(tmp_path, *common, stages, "train.stage=adversarial", "train.steps=3", "train.run_name=split"))
         first = mlflow.MlflowClient(uri).search_runs(
             [mlflow.MlflowClient(uri).get_experiment_by_name("kpscale").experiment_id])[0].info.run_id
-        after_stage_1 = torch.load(mlflow.artifacts.download_artifacts(
-            run_id=first, artifact_path="model/weights.pt", dst_path=str(tmp_path / "stage1"), tracking_uri=uri),
-            weights_only=True)
+        after_stage_1 = torch.load(model_folder(first, uri) / "weights.pt", weights_only=True)
         fit(_config(tmp_path, *common, stages, "train.steps=6", "train.run_name=split"))
         fit(_config(tmp_path, *common, stages, "train.steps=6", "train.run_name=straight"))
     finally:
@@ -227,9 +226,10 @@ def test_a_toy_family_trains_checkpoints_and_resumes_at_a_stage_boundary_through
     assert set(runs) == {"split", "straight"}
     weights = {}
     for name, run in runs.items():
-        folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model",
-                                                     dst_path=str(tmp_path / name), tracking_uri=uri)
-        weights[name] = torch.load(f"{folder}/weights.pt", weights_only=True)
+        weights[name] = torch.load(model_folder(run.info.run_id, uri) / "weights.pt", weights_only=True)
+        # A model each time a run reaches its last step: the split run's stage 1, then both stages.
+        logged = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+        assert [m.name for m in logged] == ["model"] * (2 if name == "split" else 1)
         history = {m: [x.step for x in client.get_metric_history(run.info.run_id, m)]
                    for m in ("train/generator/loss", "train/critic/loss", "train/loss", "train/lr/generator",
                              "head_output")}

@@ -14,10 +14,12 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import pytest
 from PIL import Image
 
 from conftest import ROOT, TINY_MODEL, registered_step
+from kpscale.tracking import model_folder
 
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -88,7 +90,8 @@ def test_local_cluster_jobs_log_to_the_mlflow_server(local_cluster, basketball, 
         assert refused.returncode != 0 and "token" in (refused.stdout + refused.stderr).lower()
 
     # A training job, stopped mid-run with `ray job stop`, then submitted again: it resumes.
-    train = ["--working-dir", ".", "--", "python", "-m", "kpscale.train", *TINY_MODEL, "data.batch_size=2",
+    # The upload holds no .git: the submitter passes its commit in the entrypoint (README, Cluster).
+    train = ["--working-dir", ".", "--", "KPSCALE_GIT_COMMIT=0123abcd", "python", "-m", "kpscale.train", *TINY_MODEL, "data.batch_size=2",
              f"data.train={basketball / 'train'}", f"data.test={basketball / 'test'}", "train.steps=40",
              "train.warmup_steps=1", "train.log_every=4", "train.checkpoint_every=4", "train.eval_every=20",
              "train.eval_clips=4", "train.workers=2", "train.cpus_per_worker=1", "train.run_name=job",
@@ -117,7 +120,14 @@ def test_local_cluster_jobs_log_to_the_mlflow_server(local_cluster, basketball, 
     query = urllib.parse.urlencode({"path": "videos/step-0000040.gif", "run_uuid": run_id})
     with urllib.request.urlopen(f"{env['MLFLOW_TRACKING_URI']}/get-artifact?{query}", timeout=30) as gif:
         assert gif.read(6) == b"GIF89a"
-    assert "model/weights.pt" in [f["path"] for f in _rest(env, "artifacts/list", run_id=run_id, path="model")["files"]]
+    experiment = _rest(env, "experiments/get-by-name", experiment_name="kpscale")["experiment"]
+    assert {t["key"]: t["value"] for t in experiment["tags"]}["mlflow.experimentKind"] == "custom_model_development"
+    assert run["data"]["tags"] and {t["key"]: t["value"] for t in run["data"]["tags"]}["git_commit"] == "0123abcd"
+    # The model is a logged model of the run, loadable by kpscale.predict from the server.
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert [m.name for m in client.search_logged_models([run["info"]["experiment_id"]],
+                                                        filter_string=f"source_run_id = '{run_id}'")] == ["model"]
+    assert (model_folder(run_id, env["MLFLOW_TRACKING_URI"]) / "weights.pt").is_file()
 
     # A sweep submitted as a job: a parent run and one nested run per trial on the server.
     sweep = _job(env, "submit", "--working-dir", ".", "--", "python", "-m", "kpscale.tune", "--sweep",

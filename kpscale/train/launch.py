@@ -113,7 +113,8 @@ def fit(cfg: TrainConfig, parent_run_id: str | None = None, callbacks: list | No
                 **(tags or {})}
     if parent_run_id:
         run_tags["mlflow.parentRunId"] = parent_run_id  # shown nested under the sweep in the MLflow UI
-    run_id = open_run(uri, cfg.tracking.experiment, marker, cfg.train.run_name, cfg, tags=run_tags)
+    datasets = {"training": cfg.data.train, **({"evaluation": cfg.data.test} if cfg.data.test else {})}
+    run_id = open_run(uri, cfg.tracking.experiment, marker, cfg.train.run_name, cfg, tags=run_tags, datasets=datasets)
     log.info("MLflow run %s in %s; checkpoints in %s/%s", run_id, uri, storage, cfg.train.run_name)
     trainer = TorchTrainer(
         train_loop,

@@ -19,7 +19,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from kpscale import logs
+from kpscale import logs, tracking
 from kpscale.data.stream import ClipLoader
 from kpscale.train.config import TrainConfig
 
@@ -118,8 +118,8 @@ def train_loop(config: dict) -> None:
                     saved = step % cfg.train.checkpoint_every == 0 or end
                     if end:  # collective; before the last report, on which a sweep may stop the trial
                         weights = _full_weights(family, cfg, rank)
-                        if rank == 0:
-                            _log_model(weights, cfg)
+                        if rank == 0 and step == cfg.train.steps:
+                            tracking.log_model(weights, cfg)
                     if evaluated or saved:
                         frozen_weights = {f"{name}.{k}": v for name, module in frozen.items()
                                           for k, v in module.state_dict().items()}
@@ -248,16 +248,6 @@ def _full_weights(family, cfg: TrainConfig, rank: int) -> dict[str, torch.Tensor
     params = list(family.root.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=cfg.train.zero_stage == 3):
         return {k: v.detach().float().cpu().clone() for k, v in family.root.state_dict().items()}
-
-
-def _log_model(weights: dict[str, torch.Tensor], cfg: TrainConfig) -> None:
-    """The weights and the config as MLflow artifacts `model/`, loadable with
-    torch.load(weights_only=True)."""
-    with tempfile.TemporaryDirectory() as folder:
-        torch.save(weights, f"{folder}/weights.pt")
-        with open(f"{folder}/config.yaml", "w") as f:
-            f.write(cfg.to_yaml())
-        mlflow.log_artifacts(folder, artifact_path="model")
 
 
 def _report(engines: dict, checkpoint, latest: dict[str, float], progress: dict, frozen: dict, rank: int,
