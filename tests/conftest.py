@@ -34,6 +34,16 @@ def basketball(tmp_path_factory) -> Path:
                             "clips_per_shard=16", "clip_length=20")
 
 
+@pytest.fixture(scope="session")
+def moving_mnist(tmp_path_factory) -> Path:
+    """A small colour Moving MNIST: train 96, test 32, in shards of 32."""
+    card = load(DatasetCard, ROOT / "datasets" / "moving_mnist.yaml",
+                ["workers=1", "splits={train: 96, test: 32}", "clips_per_shard=32"])
+    out = tmp_path_factory.mktemp("moving_mnist")
+    build(card, out, progress=False)
+    return out
+
+
 @pytest.fixture
 def basketball_copy(basketball, tmp_path) -> Path:
     """A copy the test may damage."""

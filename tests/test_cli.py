@@ -21,7 +21,7 @@ ENTRY_POINTS = {name: importlib.import_module(module).main for name, module in [
 @pytest.mark.parametrize("command", [
     ["kpscale.data"], ["kpscale.data", "build"], ["kpscale.data", "convert"], ["kpscale.data", "stream"],
     ["kpscale.bench"], ["kpscale.bench", "data"], ["kpscale.bench", "train"], ["kpscale.bench", "evaluate"],
-    ["kpscale.bench", "dynamics"], ["kpscale.train"], ["kpscale.tune"], ["kpscale.predict"], ["kpscale.evaluate"],
+    ["kpscale.bench", "dynamics"], ["kpscale.bench", "swap"], ["kpscale.train"], ["kpscale.tune"], ["kpscale.predict"], ["kpscale.evaluate"],
     ["kpscale.compare"]], ids=" ".join)
 def test_every_entry_point_has_help(command, capsys):
     assert exit_status(ENTRY_POINTS[command[0]], *command[1:], "--help") == 0

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from kpscale import logs
@@ -175,6 +176,8 @@ def log_evaluation(ecfg: EvaluateConfig, result: Evaluation, parent_run_id: str 
             if any(p.tables for p in parts):  # keypoint models
                 write_trajectories([t for p in parts for t in p.tables], out / "trajectories.parquet")
             (out / "summary.txt").write_text(table + "".join(f"\n{n}" for n in notes) + "\n")
+            for name, image in result.figures.items():
+                Image.fromarray(image).save(out / f"{name}.png")
             mlflow.log_artifacts(folder, artifact_path="evaluation")
         return run.info.run_id
 
@@ -219,6 +222,7 @@ class Evaluation:
     parts: list[PartResult]
     notes: list[str]
     table: str
+    figures: dict[str, np.ndarray]  # images the model draws of itself (DrNet: its swap grid)
 
 
 def held_out_clips(ecfg: EvaluateConfig) -> int:
@@ -259,7 +263,18 @@ def evaluate_model(model, cfg, ecfg: EvaluateConfig, total: int, i3d, vgg, notes
         notes.append(f"FVD from {metrics['clips']:.0f} clips: below {FVD_MIN_CLIPS} the covariance of its "
                      f"{FVD_MIN_CLIPS}-dimensional I3D features is poorly estimated; compare FVDs of equal clip counts")
     table = summary_table(metrics, ecfg.samples, selection_criterion({n: None for p in parts for n in p.arrays}))
-    return Evaluation(cfg, metrics, curves, parts, notes, table)
+    return Evaluation(cfg, metrics, curves, parts, notes, table, _figures(model, cfg, ecfg))
+
+
+@torch.no_grad()
+def _figures(model, cfg, ecfg: EvaluateConfig) -> dict[str, np.ndarray]:
+    """What a model draws of itself (its optional `figures`) from the first held-out clips."""
+    if not hasattr(model, "figures"):
+        return {}
+    from kpscale.evaluate.snapshot import fixed_batches
+
+    clips = torch.cat([batch["video"] for batch in fixed_batches(ecfg.data, cfg.data, cfg.window, 6)])
+    return {name: image.numpy() for name, image in model.figures(clips).items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,6 +144,25 @@ class DrNet(nn.Module):
         return frames.unflatten(0, pose_video.shape[:2])
 
     @torch.no_grad()
+    def figures(self, video: Tensor) -> dict[str, Tensor]:
+        """The swap grid of up to 6 clips, uint8 [H, W, 3]: the top row the pose frames (each
+        clip's last observed frame), the left column the content frames (each clip's first);
+        cell (i, j) decoded from clip i's content and clip j's pose."""
+        clips = video[:6]
+        n, t = len(clips), self.cfg.observed - 1
+        content, skips = self.content_encoder(clips[:, 0])
+        pose = self.pose_encoder(clips[:, t])[0]
+        grid = self.decoder(content.repeat_interleave(n, 0), [s.repeat_interleave(n, 0) for s in skips],
+                            pose.repeat(n, 1)).unflatten(0, (n, n))
+        blank = torch.ones_like(clips[:1, 0])
+        rows = [torch.cat([blank, clips[:, t]])] + [torch.cat([clips[i:i + 1, 0], grid[i]]) for i in range(n)]
+        tiles = torch.stack(rows)  # [n + 1, n + 1, C, H, W]
+        tiles = torch.nn.functional.pad(tiles.expand(-1, -1, 3, -1, -1) if tiles.shape[2] == 1 else tiles[:, :, :3],
+                                        (1, 1, 1, 1), value=1.0)
+        image = tiles.permute(0, 3, 1, 4, 2).flatten(0, 1).flatten(1, 2)  # [rows * H, cols * W, C]
+        return {"swap_grid": (image.clamp(0, 1) * 255).round().to(torch.uint8)}
+
+    @torch.no_grad()
     def sample_future(self, video: Tensor, future: int, num_samples: int, observed: int | None = None,
                       offsets: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Pose codes [B, S, observed + future, Dp] and frames [B, S, observed + future, C, H, W]:
