@@ -69,6 +69,10 @@ def run_trial(params: dict[str, Any], sweep: Sweep, parent_run_id: str) -> None:
             metrics, path = reports.get(timeout=1.0)
         except Empty:
             continue
+        if sweep.cfg.metric not in metrics:
+            # Tune refuses a result without its metric: the loss terms come at the first log line,
+            # the evaluation's at the first evaluation, a later stage's (DrNet's psnr_predicted) in that stage.
+            continue
         _report({**metrics, LAST_STEP: metrics["step"] >= cfg.train.steps}, trial, run_name, path)
     if "error" in outcome:
         raise outcome["error"]
