@@ -10,6 +10,7 @@ import sys
 import mlflow
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 from torch import nn
 
@@ -103,7 +104,10 @@ def _check_run(trained_run, result, clips=CLIPS):
     assert [h.step for h in history] == list(range(1, cfg.steps + 1))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert artifacts == {f"evaluation/{n}" for n in ("diversity.png", "tracking.png", "trajectories.parquet",
-                                                      "summary.txt")}
+                                                      "summary.txt", "video.gif")}
+    gif = Image.open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation/video.gif",
+                                                         tracking_uri=trained_run["uri"]))
+    assert gif.n_frames == cfg.steps and gif.size == (3 * 2 * 68, 3 * 68)  # truth | a sampled future, framed, x3
     path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation/trajectories.parquet",
                                                tracking_uri=trained_run["uri"])
     table = read_trajectories(path)

@@ -233,6 +233,10 @@ def test_a_toy_family_trains_checkpoints_and_resumes_at_a_stage_boundary_through
     logged = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
     assert [m.name for m in logged] == ["model", "model"]
     weights = torch.load(model_folder(run.info.run_id, uri) / "weights.pt", weights_only=True)  # the latest
+    mlflow.set_tracking_uri(uri)
+    version = mlflow.register_model(f"runs:/{run.info.run_id}/model", "toy")  # the model registry takes it
+    registered = torch.load(model_folder(f"models:/toy/{version.version}", uri) / "weights.pt", weights_only=True)
+    assert all(torch.equal(registered[k], weights[k]) for k in weights)
     assert weights.keys() == after_stage_1.keys()
     for key in (k for k in after_stage_1 if k.startswith("generator.")):
         torch.testing.assert_close(weights[key], after_stage_1[key], rtol=0, atol=0, msg=key)

@@ -138,6 +138,7 @@ def log_evaluation(ecfg: EvaluateConfig, result: Evaluation, parent_run_id: str 
                                                  result.notes, result.table)
     import mlflow
 
+    from kpscale.evaluate.media import save_gif
     from kpscale.evaluate.plots import diversity_plot, tracking_plot
     from kpscale.evaluate.trajectories import write_trajectories
     from kpscale.tracking import tracking_uri
@@ -178,6 +179,7 @@ def log_evaluation(ecfg: EvaluateConfig, result: Evaluation, parent_run_id: str 
             (out / "summary.txt").write_text(table + "".join(f"\n{n}" for n in notes) + "\n")
             for name, image in result.figures.items():
                 Image.fromarray(image).save(out / f"{name}.png")
+            save_gif(result.video, out / "video.gif")
             mlflow.log_artifacts(folder, artifact_path="evaluation")
         return run.info.run_id
 
@@ -223,6 +225,7 @@ class Evaluation:
     notes: list[str]
     table: str
     figures: dict[str, np.ndarray]  # images the model draws of itself (DrNet: its swap grid)
+    video: np.ndarray  # the first held-out clip | a sampled future, frames [T, H, W, 3]
 
 
 def held_out_clips(ecfg: EvaluateConfig) -> int:
@@ -263,18 +266,21 @@ def evaluate_model(model, cfg, ecfg: EvaluateConfig, total: int, i3d, vgg, notes
         notes.append(f"FVD from {metrics['clips']:.0f} clips: below {FVD_MIN_CLIPS} the covariance of its "
                      f"{FVD_MIN_CLIPS}-dimensional I3D features is poorly estimated; compare FVDs of equal clip counts")
     table = summary_table(metrics, ecfg.samples, selection_criterion({n: None for p in parts for n in p.arrays}))
-    return Evaluation(cfg, metrics, curves, parts, notes, table, _figures(model, cfg, ecfg))
+    return Evaluation(cfg, metrics, curves, parts, notes, table, *_showcase(model, cfg, ecfg))
 
 
 @torch.no_grad()
-def _figures(model, cfg, ecfg: EvaluateConfig) -> dict[str, np.ndarray]:
-    """What a model draws of itself (its optional `figures`) from the first held-out clips."""
-    if not hasattr(model, "figures"):
-        return {}
+def _showcase(model, cfg, ecfg: EvaluateConfig) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """From the first held-out clips: what a model draws of itself (its optional `figures`), and
+    the video of the first clip beside a future sampled over the training horizon."""
+    from kpscale.evaluate.media import panel
     from kpscale.evaluate.snapshot import fixed_batches
 
     clips = torch.cat([batch["video"] for batch in fixed_batches(ecfg.data, cfg.data, cfg.window, 6)])
-    return {name: image.numpy() for name, image in model.figures(clips).items()}
+    figures = {name: image.numpy() for name, image in model.figures(clips).items()} if hasattr(model, "figures") else {}
+    torch.manual_seed(ecfg.seed)
+    _, frames = model.sample_future(clips[:1], cfg.model.predicted, 1)
+    return figures, panel(clips[0], None, frames[0, 0], cfg.model.observed)
 
 
 def main(argv: list[str] | None = None) -> int:

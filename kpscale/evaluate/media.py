@@ -60,13 +60,13 @@ def draw_keypoints(frames: np.ndarray, keypoints: torch.Tensor, heatmap_size: in
     return out.round().astype(np.uint8)
 
 
-def panel(video: torch.Tensor, reconstruction: torch.Tensor, predicted: torch.Tensor, observed: int,
+def panel(video: torch.Tensor, reconstruction: torch.Tensor | None, predicted: torch.Tensor, observed: int,
           keypoints: torch.Tensor | None = None, heatmap_size: int | None = None, scale: int = 3) -> np.ndarray:
     """One clip's frames [T, H', W', 3] uint8; inputs [T, 3, H, W] in [0, 1] and keypoints
-    [T, K, 3] (a model without keypoints has no keypoint column)."""
+    [T, K, 3] (no reconstruction, or a model without keypoints: no such column)."""
     truth = to_rgb(video)
     drawn = [] if keypoints is None else [draw_keypoints(truth, keypoints, heatmap_size)]
-    columns = [truth, to_rgb(reconstruction), *drawn, to_rgb(predicted)]
+    columns = [truth, *([] if reconstruction is None else [to_rgb(reconstruction)]), *drawn, to_rgb(predicted)]
     t, h, w, _ = truth.shape
     frames = np.zeros((t, h + 4, len(columns) * (w + 4), 3), np.uint8)
     for step in range(t):
