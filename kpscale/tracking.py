@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import fsspec
@@ -64,7 +65,6 @@ def open_run(uri: str, experiment: str, marker: str, name: str, cfg: Config, tag
 def dataset(spec: str):
     """Shards as an MLflow dataset: named after their card and split, the manifest's digest."""
     import hashlib
-    import warnings
 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
@@ -96,7 +96,9 @@ def log_model(weights: dict, cfg: Config) -> None:
     # Clips [B, T, C, H, W] in, sampled futures [B, S, T', C, H, W] out (kpscale/pyfunc_model.py).
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1,) * 5)]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,) * 6)]))
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        # The signature gives the shapes; an input example would be a whole clip in every model.
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")  # MLflow colours it
         torch.save(weights, f"{folder}/weights.pt")
         Path(f"{folder}/config.yaml").write_text(cfg.to_yaml())
         mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).parent / "pyfunc_model.py"),
