@@ -68,8 +68,9 @@ class Family:
         before it returned this step; `step` counts from the run's start."""
         raise NotImplementedError
 
-    def evaluate(self, cfg, stage: str, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, float], Tensor]:
-        """Metrics and a video panel on held-out clips, during training. On every rank (a ZeRO-3
+    def evaluate(self, cfg, stage: str, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, float], object]:
+        """Metrics and a video panel (uint8 frames [T, H, W, 3], kpscale.evaluate.media.panel) on
+        held-out clips, during training. On every rank (a ZeRO-3
         forward pass needs them all)."""
         raise NotImplementedError
 

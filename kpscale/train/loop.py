@@ -121,10 +121,8 @@ def train_loop(config: dict) -> None:
                         if rank == 0 and step == cfg.train.steps:
                             tracking.log_model(weights, cfg)
                     if evaluated or saved:
-                        frozen_weights = {f"{name}.{k}": v for name, module in frozen.items()
-                                          for k, v in module.state_dict().items()}
                         _report(engines, checkpoint, latest, {"step": step, "epoch": epoch, "stage": section.name},
-                                frozen_weights, rank, save=saved)
+                                frozen, rank, save=saved)
                     meter.started += time.perf_counter() - paused  # evaluation and checkpoints are not training time
                     if end:
                         break
@@ -250,8 +248,8 @@ def _full_weights(family, cfg: TrainConfig, rank: int) -> dict[str, torch.Tensor
         return {k: v.detach().float().cpu().clone() for k, v in family.root.state_dict().items()}
 
 
-def _report(engines: dict, checkpoint, latest: dict[str, float], progress: dict, frozen: dict, rank: int,
-            save: bool) -> None:
+def _report(engines: dict, checkpoint, latest: dict[str, float], progress: dict, frozen: dict[str, torch.nn.Module],
+            rank: int, save: bool) -> None:
     """Report the latest metrics to Ray Train (and through it to Tune), with a checkpoint when
     `save`. Collective: every rank reports, the same number of times."""
     metrics = {**latest, "step": progress["step"], "epoch": progress["epoch"], **_lrs(engines)}
@@ -259,6 +257,7 @@ def _report(engines: dict, checkpoint, latest: dict[str, float], progress: dict,
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint.save(engines, folder, progress, rank, frozen)
+        checkpoint.save(engines, folder, progress, rank, {f"{name}.{k}": v for name, module in frozen.items()
+                                                          for k, v in module.state_dict().items()})
         dist.barrier()
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

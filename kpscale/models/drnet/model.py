@@ -125,6 +125,12 @@ class DrNet(nn.Module):
         """video [B, T, C, H, W] -> pose codes [B, T, Dp]."""
         return self.pose_encoder(video.flatten(0, 1))[0].unflatten(0, video.shape[:2])
 
+    def decode_each(self, content: Tensor, skips: list[Tensor], poses: Tensor) -> Tensor:
+        """Content codes [B, Dc] with their skips, poses [B * T, Dp] (T per content, in order)
+        -> frames [B * T, C, H, W]."""
+        t = len(poses) // len(content)
+        return self.decoder(content.repeat_interleave(t, 0), [s.repeat_interleave(t, 0) for s in skips], poses)
+
     @torch.no_grad()
     def represent(self, video: Tensor) -> Tensor:
         """Each frame's pose code [B, T, Dp]: the state the tracking regression reads."""
@@ -138,9 +144,8 @@ class DrNet(nn.Module):
         """Frames [B, T, C, H, W] with the content of each clip's first frame in `content_video`
         and the pose of every frame of the same clip in `pose_video`."""
         content, skips = self.content_encoder(content_video[:, 0])
-        t = pose_video.shape[1]
         poses = self.poses(pose_video).flatten(0, 1)
-        frames = self.decoder(content.repeat_interleave(t, 0), [s.repeat_interleave(t, 0) for s in skips], poses)
+        frames = self.decode_each(content, skips, poses)
         return frames.unflatten(0, pose_video.shape[:2])
 
     @torch.no_grad()
@@ -152,8 +157,7 @@ class DrNet(nn.Module):
         n, t = len(clips), self.cfg.observed - 1
         content, skips = self.content_encoder(clips[:, 0])
         pose = self.pose_encoder(clips[:, t])[0]
-        grid = self.decoder(content.repeat_interleave(n, 0), [s.repeat_interleave(n, 0) for s in skips],
-                            pose.repeat(n, 1)).unflatten(0, (n, n))
+        grid = self.decode_each(content, skips, pose.repeat(n, 1)).unflatten(0, (n, n))
         blank = torch.ones_like(clips[:1, 0])
         rows = [torch.cat([blank, clips[:, t]])] + [torch.cat([clips[i:i + 1, 0], grid[i]]) for i in range(n)]
         tiles = torch.stack(rows)  # [n + 1, n + 1, C, H, W]
@@ -181,8 +185,6 @@ class DrNet(nn.Module):
             future_poses.append(pose)
             pose, state = self.predictor(pose, content, state)
         states = torch.cat([poses, *future_poses], 1)
-        t = states.shape[1]
-        frames = self.decoder(content.repeat_interleave(t, 0), [s.repeat_interleave(t, 0) for s in skips],
-                              states.flatten(0, 1)).unflatten(0, states.shape[:2])
+        frames = self.decode_each(content, skips, states.flatten(0, 1)).unflatten(0, states.shape[:2])
         return (states[:, None].expand(-1, num_samples, -1, -1),
                 frames[:, None].expand(-1, num_samples, -1, -1, -1, -1))
