@@ -35,7 +35,8 @@ EOF
     echo "MLflow server already running (pid $(cat "$DIR/mlflow.pid"))"
   else
     # Its own session, so that stop can end the server and its workers as one process group.
-    setsid "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" \
+    # No server-side jobs: they run GenAI judges, which kpscale does not use, in seven more processes.
+    MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" \
       --backend-store-uri "sqlite:///$DIR/mlflow.db" --artifacts-destination "$DIR/artifacts" \
       > "$DIR/mlflow.log" 2>&1 < /dev/null &
     echo $! > "$DIR/mlflow.pid"

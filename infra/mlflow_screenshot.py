@@ -53,13 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     run = rest(args.tracking_uri, "runs/get", run_id=args.run)["run"]
     experiment = run["info"]["experiment_id"]
+    # The UI opens in its GenAI view unless told (or a user switched it): kpscale's runs are training runs.
     page = f"{args.tracking_uri.rstrip('/')}/#/experiments/{experiment}/runs/{args.run}"
-    (args.out / "run.html").write_text(chromium("--dump-dom", page).stdout)
-    shots = [screenshot(page, args.out / "run.png")]
+    view = "?workflowType=machine_learning"
+    (args.out / "run.html").write_text(chromium("--dump-dom", page + view).stdout)
+    shots = [screenshot(page + view, args.out / "run.png")]
     videos = [f["path"] for f in rest(args.tracking_uri, "artifacts/list", run_id=args.run, path="videos").get("files", [])
               if f["path"].endswith(".gif")]
     if videos:
-        shots.append(screenshot(f"{page}/artifacts/{videos[0]}", args.out / "video.png"))
+        shots.append(screenshot(f"{page}/artifacts/{videos[0]}{view}", args.out / "video.png"))
     else:
         print(f"run {args.run} has no GIF under videos/: no video screenshot", file=sys.stderr)
     for shot in shots:

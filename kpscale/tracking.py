@@ -84,6 +84,16 @@ def dataset(spec: str):
     return MetaDataset(source=source, name=name, digest=digest)
 
 
+def run_page(uri: str, run_id: str) -> str:
+    """Where a person sees a run: its page in the MLflow UI's model-training view (the UI opens
+    in its GenAI view unless the link or the user picks another), after `mlflow ui` for a local store."""
+    experiment = mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id
+    path = f"/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
+    if uri.startswith("http"):
+        return uri.rstrip("/") + path
+    return f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000{path}"
+
+
 def log_model(weights: dict, cfg: Config) -> None:
     """The trained model as an MLflow pyfunc model `model` of the active run (listed under its
     Logged models, registrable): weights.pt and config.yaml as its artifacts, kpscale/pyfunc_model.py

@@ -4,6 +4,7 @@ the DeepSpeed config (ZeRO stage, precision, Adam, LR schedule, clipping)."""
 from __future__ import annotations
 
 import logging
+import warnings
 
 from torch import nn
 
@@ -19,6 +20,9 @@ def build_engine(optimiser: Optimiser, cfg: TrainConfig, bf16: bool, steps: int)
 
     skip_shm_comm_op()
     logging.getLogger("DeepSpeed").addFilter(_not_the_schedule_start_warning)
+    # ZeRO calls torch's collectives by their old names; torch's rename warning is not the user's to act on.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                            "is deprecated", category=FutureWarning)
     engine, *_ = deepspeed.initialize(
         model=optimiser.module, model_parameters=param_groups(optimiser.module, cfg.train.weight_decay),
         config=deepspeed_config(cfg.train, cfg.data.batch_size, bf16, steps, optimiser.lr or cfg.train.lr,

@@ -101,7 +101,7 @@ def fit(cfg: TrainConfig, parent_run_id: str | None = None, callbacks: list | No
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from kpscale.models import FAMILIES
-    from kpscale.tracking import git_commit, open_run, tracking_uri
+    from kpscale.tracking import git_commit, open_run, run_page, tracking_uri
     from kpscale.train import allocator
     from kpscale.train.loop import train_loop
 
@@ -129,7 +129,11 @@ def fit(cfg: TrainConfig, parent_run_id: str | None = None, callbacks: list | No
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              # Ray starts workers at niceness 15 so its own processes stay responsive;
                              # a training worker is the work itself and should not yield to them.
-                             worker_runtime_env={"env_vars": {"RAY_worker_niceness": "0", **allocator.ENV}}))
+                             # MLflow's progress bars (copying the model's files when it is logged)
+                             # would land in the training log as lines of carriage returns.
+                             worker_runtime_env={"env_vars": {"RAY_worker_niceness": "0",
+                                                              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                                                              **allocator.ENV}}))
     # A sweep trial's run is closed by the sweep's summary, which knows whether Tune stopped it:
     # a stopped trial's fit may end either way, before or after the summary.
     closes_run = parent_run_id is None
@@ -141,9 +145,8 @@ def fit(cfg: TrainConfig, parent_run_id: str | None = None, callbacks: list | No
         raise
     if closes_run:
         mlflow.MlflowClient(uri).set_terminated(run_id, status="FINISHED")
-    browse = uri if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
     # No metrics: the run had already reached train.steps and trained nothing this time.
     step = result.metrics["step"] if result.metrics else cfg.train.steps
-    log.info("finished at step %s: MLflow run %s (browse with: %s), checkpoint %s", step, run_id, browse,
+    log.info("finished at step %s: MLflow run %s (see %s), checkpoint %s", step, run_id, run_page(uri, run_id),
              result.checkpoint.path if result.checkpoint else None)
     return result
