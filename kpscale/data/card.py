@@ -69,6 +69,32 @@ class MovingMnistOptions(Config):
         return v
 
 
+class ActorsOptions(Config):
+    """Articulated actors; the figure's height is a fraction of the frame side, its tempo a
+    multiple of each action's own (walk: 16 frames a cycle, run: 10, ...)."""
+
+    actions: list[Literal["walk", "run", "wave", "jump", "squat", "kick"]] = \
+        ["walk", "run", "wave", "jump", "squat", "kick"]
+    height: tuple[float, float] = (0.45, 0.6)  # standing height: raised arms and jumps stay in frame
+    tempo: tuple[float, float] = (0.75, 1.3)
+    amplitude: tuple[float, float] = (0.75, 1.2)  # of the action's swings, bends and lift
+    yaw_degrees: tuple[float, float] = (15.0, 40.0)  # 0: profile; larger shows the shoulders' width
+
+    @field_validator("height", "tempo", "amplitude", "yaw_degrees")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"must be [min, max] with 0 < min <= max, got {list(v)}")
+        return v
+
+    @field_validator("actions")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(v) < 2 or len(set(v)) != len(v):
+            raise ValueError(f"needs two or more distinct actions, got {v}")
+        return v
+
+
 class FolderOptions(Config):
     """How `convert` turns a folder of videos into clips."""
 
@@ -98,7 +124,7 @@ def _check_split_names(splits: dict) -> None:
 
 class DatasetCard(Config):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    source: Literal["basketball", "moving_mnist", "folder"]
+    source: Literal["basketball", "moving_mnist", "actors", "folder"]
     resolution: int = Field(64, ge=16, le=1024)
     clip_length: int = Field(32, ge=2)
     fps: float = Field(10.0, gt=0)  # folder: used for frame folders; videos keep their own
@@ -109,6 +135,7 @@ class DatasetCard(Config):
     encoding: Encoding = Encoding()
     basketball: BasketballOptions = BasketballOptions()
     moving_mnist: MovingMnistOptions = MovingMnistOptions()
+    actors: ActorsOptions = ActorsOptions()
     folder: FolderOptions = FolderOptions()
 
     @field_validator("resolution")

@@ -8,6 +8,6 @@ class SourceError(ValueError):
 
 
 # After SourceError, which the sources import from here.
-from kpscale.data.sources import basketball, folder, moving_mnist  # noqa: E402
+from kpscale.data.sources import actors, basketball, folder, moving_mnist  # noqa: E402
 
-SOURCES = {"basketball": basketball, "moving_mnist": moving_mnist, "folder": folder}
+SOURCES = {"basketball": basketball, "moving_mnist": moving_mnist, "actors": actors, "folder": folder}
