@@ -106,6 +106,12 @@ def log_model(weights: dict, cfg: Config) -> None:
     # Clips [B, T, C, H, W] in, sampled futures [B, S, T', C, H, W] out (kpscale/pyfunc_model.py).
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1,) * 5)]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,) * 6)]))
+    # A job stopped after logging the model but before its last checkpoint registered trains the
+    # last steps again when resumed: the run keeps one model, the latest.
+    client, run = mlflow.MlflowClient(), mlflow.active_run().info
+    for old in client.search_logged_models([run.experiment_id], filter_string=f"source_run_id = '{run.run_id}'"):
+        if old.name == "model":
+            client.delete_logged_model(old.model_id)
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         # The signature gives the shapes; an input example would be a whole clip in every model.
         warnings.filterwarnings("ignore", message=".*An input example was not provided")  # MLflow colours it

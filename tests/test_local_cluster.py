@@ -124,11 +124,11 @@ def test_local_cluster_jobs_log_to_the_mlflow_server(local_cluster, basketball, 
     experiment = _rest(env, "experiments/get-by-name", experiment_name="kpscale")["experiment"]
     assert {t["key"]: t["value"] for t in experiment["tags"]}["mlflow.experimentKind"] == "custom_model_development"
     assert run["data"]["tags"] and {t["key"]: t["value"] for t in run["data"]["tags"]}["git_commit"] == "0123abcd"
-    # The model is a logged model of the run, loadable by kpscale.predict from the server. (A job
-    # stopped between logging it at its last step and its last report logs it again when resumed.)
+    # The model is the run's one logged model (also when the stopped job had logged it already),
+    # loadable by kpscale.predict from the server.
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
-    assert {m.name for m in client.search_logged_models([run["info"]["experiment_id"]],
-                                                        filter_string=f"source_run_id = '{run_id}'")} == {"model"}
+    assert [m.name for m in client.search_logged_models([run["info"]["experiment_id"]],
+                                                        filter_string=f"source_run_id = '{run_id}'")] == ["model"]
     assert (model_folder(run_id, env["MLFLOW_TRACKING_URI"]) / "weights.pt").is_file()
 
     # What a user sees: the run page with its metrics, and the video artifact.

@@ -77,13 +77,14 @@ def _bone(angle: np.ndarray) -> np.ndarray:
     return np.stack([np.sin(r), -np.cos(r)], -1)
 
 
-def pose(action: str, frames: int, rng: np.random.Generator, opts: ActorsOptions) -> tuple[np.ndarray, dict]:
+def pose(action: str, frames: int, rng: np.random.Generator, opts: ActorsOptions) -> tuple[np.ndarray, dict, float]:
     """Joints [T, 15, 3] in body units (forward, up, sideways; height 1, feet on the ground at
-    up = 0 unless lifted) and the body's drawing sizes."""
+    up = 0 unless lifted), the body's sizes in those units, and its travel in pixels a frame at 64 px."""
     tempo = rng.uniform(*opts.tempo)
     amp = rng.uniform(*opts.amplitude)
     phase = rng.uniform(0, 2 * np.pi) + 2 * np.pi * tempo * np.arange(frames) / PERIODS[action]
-    vary = lambda: rng.uniform(0.88, 1.12)  # noqa: E731  one body proportion
+    def vary() -> float:  # one body proportion
+        return rng.uniform(0.88, 1.12)
     size = dict(head=0.075 * vary(), torso=0.30 * vary(), upper_arm=0.16 * vary(), forearm=0.15 * vary(),
                 thigh=0.24 * vary(), shin=0.23 * vary(), shoulders=0.08 * vary(), hips=0.055 * vary(),
                 limb_width=0.085 * vary(), torso_width=0.13 * vary())
@@ -107,8 +108,7 @@ def pose(action: str, frames: int, rng: np.random.Generator, opts: ActorsOptions
     ankles = out[:, [J["right_ankle"], J["left_ankle"]], 1]
     out[..., 1] -= ankles.min(1, keepdims=True)  # the lowest foot on the ground
     out[..., 1] += a["lift"][:, None]
-    size["travel"] = TRAVEL.get(action, 0.0) * tempo
-    return out, size
+    return out, size, TRAVEL.get(action, 0.0) * tempo
 
 
 # (first joint, second joint, width key, colour key); drawn far side first, near side last.
@@ -158,12 +158,12 @@ def _background(size: int, rng: np.random.Generator, ground: float) -> np.ndarra
 def place(action: str, opts: ActorsOptions, frames: int, size: int, rng: np.random.Generator):
     """The figure in the frame: (joints [T, 15, 2] in pixels, drawing sizes in pixels, ground
     line's y)."""
-    body, dims = pose(action, frames, rng, opts)
+    body, dims, travel = pose(action, frames, rng, opts)
     height = rng.uniform(*opts.height) * size  # standing height in pixels
     ground = rng.uniform(0.84, 0.92) * size
     facing = rng.choice([-1.0, 1.0])
     yaw = np.radians(rng.uniform(*opts.yaw_degrees))
-    travel = dims.pop("travel") * size / 64
+    travel *= size / 64
     span = travel * (frames - 1)
     margin = 0.2 * size
     start = rng.uniform(margin, max(margin, size - margin - span)) if travel else rng.uniform(0.35, 0.65) * size
