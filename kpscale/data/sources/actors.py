@@ -83,6 +83,7 @@ def pose(action: str, frames: int, rng: np.random.Generator, opts: ActorsOptions
     tempo = rng.uniform(*opts.tempo)
     amp = rng.uniform(*opts.amplitude)
     phase = rng.uniform(0, 2 * np.pi) + 2 * np.pi * tempo * np.arange(frames) / PERIODS[action]
+
     def vary() -> float:  # one body proportion
         return rng.uniform(0.88, 1.12)
     size = dict(head=0.075 * vary(), torso=0.30 * vary(), upper_arm=0.16 * vary(), forearm=0.15 * vary(),
