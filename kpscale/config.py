@@ -155,8 +155,9 @@ def describe(exc: ValidationError, tree: Any = None) -> str:
             lines.append(f"  {key}: unknown key (value {err['input']!r})")
         elif err["type"] == "missing":
             lines.append(f"  {key}: required key is missing")
-        else:
-            lines.append(f"  {key}: {err['msg']} (got {err['input']!r})")
+        else:  # a section's own check names its values: its input, the whole section, would bury them
+            got = "" if isinstance(err["input"], dict) else f" (got {err['input']!r})"
+            lines.append(f"  {key}: {err['msg']}{got}")
     return "\n".join(lines)
 
 

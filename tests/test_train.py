@@ -45,6 +45,7 @@ def test_invalid_configs_are_refused_before_ray_starts(override, words, capsys):
     assert exit_status(main, *TINY, override, *extra) == 2
     err = capsys.readouterr().err
     assert all(word in err for word in words), err
+    assert len(err.splitlines()) == 2 and "'model':" not in err  # the headline and one line naming the value
     assert not ray.is_initialized()
 
 
