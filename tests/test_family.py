@@ -229,10 +229,10 @@ def test_a_toy_family_trains_checkpoints_and_resumes_at_a_stage_boundary_through
                for m in ("train/generator/loss", "train/critic/loss", "train/lr/generator", "train/loss", "head_output")}
     assert history["train/generator/loss"] == history["train/critic/loss"] == history["train/lr/generator"] == [2, 3]
     assert history["train/loss"] == [4, 6] and history["head_output"] == [3, 6]
-    # A model each time the run reached its last step: after stage 1, then after both.
+    # The run's one model, the latest: logged after stage 1, replaced after both (checked below).
     logged = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
-    assert [m.name for m in logged] == ["model", "model"]
-    weights = torch.load(model_folder(run.info.run_id, uri) / "weights.pt", weights_only=True)  # the latest
+    assert [m.name for m in logged] == ["model"]
+    weights = torch.load(model_folder(run.info.run_id, uri) / "weights.pt", weights_only=True)
     mlflow.set_tracking_uri(uri)
     version = mlflow.register_model(f"runs:/{run.info.run_id}/model", "toy")  # the model registry takes it
     registered = torch.load(model_folder(f"models:/toy/{version.version}", uri) / "weights.pt", weights_only=True)
