@@ -2,12 +2,27 @@
 inputs)` and `make(card, root, split, spec) -> Clip`; specs are small and picklable so that
 build processes can make any clip on their own."""
 
+import zlib
+
+import numpy as np
+
 
 class SourceError(ValueError):
     """Input a source cannot make clips from; the message names the file, field or package."""
 
 
-# After SourceError, which the sources import from here.
+def numbered(card) -> tuple[dict[str, list[int]], list[str]]:
+    """A generated source's plan: clip indices per split, as many as `card.splits` says."""
+    return {split: list(range(count)) for split, count in card.splits.items()}, []
+
+
+def clip_rng(card, split: str, index: int) -> np.random.Generator:
+    """A generated clip's random generator, seeded by (card seed, split, index) alone, so that a
+    clip does not depend on which shard or process builds it."""
+    return np.random.default_rng([card.seed, zlib.crc32(split.encode()), index])
+
+
+# After SourceError and the helpers, which the sources import from here.
 from kpscale.data.sources import actors, basketball, folder, moving_mnist  # noqa: E402
 
 SOURCES = {"basketball": basketball, "moving_mnist": moving_mnist, "actors": actors, "folder": folder}

@@ -16,13 +16,13 @@ frame for the whole clip; their legs partly slide. Coordinates are the 15 joints
 from __future__ import annotations
 
 import colorsys
-import zlib
 
 import numpy as np
 import torch
 
 from kpscale.data.card import ActorsOptions
 from kpscale.data.shards import Clip
+from kpscale.data.sources import clip_rng, numbered
 
 JOINTS = ("head", "neck", "right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow",
           "left_wrist", "pelvis", "right_hip", "right_knee", "right_ankle", "left_hip", "left_knee", "left_ankle")
@@ -204,15 +204,14 @@ def make_clip(action: str, opts: ActorsOptions, frames: int, size: int, rng: np.
 
 
 def plan(card, root=None) -> tuple[dict[str, list[int]], list[str]]:
-    return {split: list(range(count)) for split, count in card.splits.items()}, []
+    return numbered(card)
 
 
 def make(card, root, split: str, index: int) -> Clip:
-    # Seeded by (card seed, split, index) alone, so a clip does not depend on which shard or
-    # process builds it; classes take turns, so every split is balanced.
+    # Classes take turns, so every split is balanced.
     opts = card.actors
     action = opts.actions[index % len(opts.actions)]
-    rng = np.random.default_rng([card.seed, zlib.crc32(split.encode()), index])
+    rng = clip_rng(card, split, index)
     frames, joints = make_clip(action, opts, card.clip_length, card.resolution, rng)
     meta = {"label": action, "joints": list(JOINTS),
             "source": {"generator": "kpscale.actors", "seed": card.seed, "split": split, "index": index}}

@@ -9,13 +9,13 @@ returned in pixels of the rendered frames: (0, 0) is the top-left corner of the 
 
 from __future__ import annotations
 
-import zlib
 
 import numpy as np
 import torch
 
 from kpscale.data.card import BasketballOptions
 from kpscale.data.shards import Clip
+from kpscale.data.sources import clip_rng, numbered
 
 COURT = np.array([92, 68, 48], np.float32)
 LINES = np.array([128, 100, 76], np.float32)
@@ -127,13 +127,11 @@ def make_clip(opts: BasketballOptions, frames: int, size: int, rng: np.random.Ge
 
 
 def plan(card, root=None) -> tuple[dict[str, list[int]], list[str]]:
-    return {split: list(range(count)) for split, count in card.splits.items()}, []
+    return numbered(card)
 
 
 def make(card, root, split: str, index: int) -> Clip:
-    # Seeded by (card seed, split, index) alone, so a clip does not depend on which shard or
-    # process builds it.
-    rng = np.random.default_rng([card.seed, zlib.crc32(split.encode()), index])
+    rng = clip_rng(card, split, index)
     frames, coords = make_clip(card.basketball, card.clip_length, card.resolution, rng)
     meta = {"label": "basketball", "source": {"generator": "kpscale.basketball", "seed": card.seed,
                                               "split": split, "index": index}}

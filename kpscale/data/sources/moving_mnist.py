@@ -21,7 +21,7 @@ import torch
 
 from kpscale.data.card import MovingMnistOptions
 from kpscale.data.shards import Clip
-from kpscale.data.sources import SourceError
+from kpscale.data.sources import SourceError, clip_rng, numbered
 
 MNIST_SIDE = 28
 
@@ -87,14 +87,12 @@ def render(corners: np.ndarray, digits: torch.Tensor, colour: bool, resolution: 
 
 def plan(card, root=None) -> tuple[dict[str, list[int]], list[str]]:
     mnist_digits()  # a missing package is said before any build process starts
-    return {split: list(range(count)) for split, count in card.splits.items()}, []
+    return numbered(card)
 
 
 def make(card, root, split: str, index: int) -> Clip:
-    # Seeded by (card seed, split, index) alone, so a clip does not depend on which shard or
-    # process builds it.
     opts = card.moving_mnist
-    rng = np.random.default_rng([card.seed, zlib.crc32(split.encode()), index])
+    rng = clip_rng(card, split, index)
     chosen = rng.choice(digit_pools(opts, card.seed)[split], size=opts.digits, replace=False)
     corners = trajectories(opts, card.clip_length, card.resolution, rng)
     frames = render(corners, _sized(opts.digit_size)[chosen], opts.colour, card.resolution)
