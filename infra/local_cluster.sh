@@ -51,10 +51,14 @@ EOF
   # Ray's socket paths must stay under 107 bytes: its temp folder lives in /tmp.
   [ -s "$DIR/ray_temp" ] || mktemp -d /tmp/kpray-XXXXXX > "$DIR/ray_temp"
   # PATH first: a job's `python` is the first on the head's PATH, the project's environment.
-  PATH="$BIN:$PATH" "$BIN/ray" start --head --node-ip-address=127.0.0.1 --port="$RAY_PORT" \
+  # Its own session: the head's processes share one process group, which stop ends (`ray stop`
+  # would end every Ray on the machine).
+  PATH="$BIN:$PATH" setsid "$BIN/ray" start --head --node-ip-address=127.0.0.1 --port="$RAY_PORT" \
     --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --include-dashboard=true \
     --temp-dir="$(cat "$DIR/ray_temp")" --disable-usage-stats ${RAY_NUM_CPUS:+--num-cpus="$RAY_NUM_CPUS"} \
-    > "$DIR/ray.log" 2>&1 || { tail -20 "$DIR/ray.log"; echo "ray start failed" >&2; exit 1; }
+    > "$DIR/ray.log" 2>&1 &
+  echo $! > "$DIR/ray.pgid"
+  wait $! || { tail -20 "$DIR/ray.log"; echo "ray start failed" >&2; exit 1; }
   wait_for_job_agent
   echo "local cluster up: Ray dashboard $RAY_ADDRESS (token in $DIR/auth_token), MLflow $MLFLOW_TRACKING_URI"
   echo "use it with: source $DIR/env"
@@ -71,19 +75,19 @@ wait_for_job_agent() {
   echo "the Ray job agent did not come up" >&2; exit 1
 }
 
+# End a process group (its leader's pid in FILE) with SIGNAL (TERM), then KILL what is left after 30 s.
+stop_group() {
+  [ -s "$1" ] || return 0
+  group=$(cat "$1")
+  kill -"${2:-TERM}" -- "-$group" 2>/dev/null || true
+  for _ in $(seq 30); do kill -0 -- "-$group" 2>/dev/null || break; sleep 1; done
+  kill -9 -- "-$group" 2>/dev/null || true
+  rm -f "$1"
+}
+
 stop() {
-  if [ -s "$DIR/env" ]; then
-    # shellcheck disable=SC1091
-    source "$DIR/env"
-    "$BIN/ray" stop --force > /dev/null 2>&1 || true
-  fi
-  if [ -s "$DIR/mlflow.pid" ]; then
-    group=$(cat "$DIR/mlflow.pid")
-    kill -- "-$group" 2>/dev/null || true
-    for _ in $(seq 30); do kill -0 -- "-$group" 2>/dev/null || break; sleep 1; done
-    kill -9 -- "-$group" 2>/dev/null || true  # still there after 30 s
-    rm -f "$DIR/mlflow.pid"
-  fi
+  stop_group "$DIR/ray.pgid" KILL  # as `ray stop --force`: Ray's daemons ignore TERM; its workers end with the raylet
+  stop_group "$DIR/mlflow.pid"
   if [ -s "$DIR/ray_temp" ]; then
     rm -rf "$(cat "$DIR/ray_temp")" "$DIR/ray_temp"
   fi

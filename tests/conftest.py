@@ -1,6 +1,12 @@
 import json
 import logging
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +31,44 @@ def build_basketball(out: Path, *overrides: str) -> Path:
     card = load(DatasetCard, CARD, ["workers=1", *overrides])
     build(card, out, progress=False)
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_head():
+    """One Ray head for the session, on loopback, that every command a test starts joins through
+    RAY_ADDRESS, as commands join the cluster under `ray job submit`: a Ray started and stopped by
+    each command took ~12 s of it. Ports of its own (the local-cluster test starts a head beside
+    it), and a temp folder of its own, so that a command run without RAY_ADDRESS starts its own
+    Ray rather than finding this one. Without the token `ray start` asks for by default: Ray
+    reads its auth mode when imported, before a fixture could set it for this process's
+    ray.init (tests/test_local_cluster.py covers a token cluster)."""
+    temp = Path(tempfile.mkdtemp(prefix="kpt-", dir="/tmp"))  # Ray's socket paths must stay short
+    port = free_port()
+    env = {"RAY_AUTH_MODE": "disabled"}
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp / 'ray'}", "--disable-usage-stats"],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)  # the head's daemons share this process group, which teardown ends
+    output = head.communicate(timeout=180)[0]
+    if head.returncode != 0:
+        os.killpg(head.pid, signal.SIGKILL)
+        pytest.fail(f"ray start failed:\n{output[-3000:]}")
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}.items():
+                patch.setenv(key, value)
+            yield os.environ["RAY_ADDRESS"]
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)  # as `ray stop --force`: Ray's daemons ignore SIGTERM
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -213,7 +213,7 @@ def test_a_toy_family_trains_checkpoints_and_resumes_at_a_stage_boundary_through
               "model.observed=2", "model.predicted=2", f"tracking.uri={uri}", "train.cpus_per_worker=1",
               "train.log_every=2", "train.eval_every=3", "train.checkpoint_every=3", "train.zero_stage=2"]
     stages = "train.stages=[{name: adversarial, steps: 3}, {name: head, steps: 3}]"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(logging_level="ERROR")  # the session's Ray head (conftest.ray_head)
     try:
         fit(_config(tmp_path, *common, stages, "train.stage=adversarial", "train.steps=3"))
         first = mlflow.MlflowClient(uri).search_runs(

@@ -19,16 +19,10 @@ import mlflow
 import pytest
 from PIL import Image
 
-from conftest import ROOT, TINY_MODEL, registered_step
+from conftest import ROOT, TINY_MODEL, free_port, registered_step
 from kpscale.tracking import model_folder
 
 VENV_BIN = str(Path(sys.executable).parent)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cluster(env: dict, action: str) -> subprocess.CompletedProcess:
@@ -39,7 +33,7 @@ def _cluster(env: dict, action: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def local_cluster(tmp_path):
     env = {**os.environ, "KPSCALE_CLUSTER_DIR": str(tmp_path / "cluster"), "KPSCALE_BIN": VENV_BIN,
-           "RAY_PORT": str(_free_port()), "RAY_DASHBOARD_PORT": str(_free_port()), "MLFLOW_PORT": str(_free_port()),
+           "RAY_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(free_port()), "MLFLOW_PORT": str(free_port()),
            "RAY_NUM_CPUS": "2", "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     try:
         started = _cluster(env, "start")

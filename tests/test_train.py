@@ -181,8 +181,10 @@ def test_two_workers_zero2_checkpoint_resume_and_a_killed_worker(basketball, tmp
               f"data.test={basketball / 'test'}", f"train.storage={tmp_path / 'runs'}",
               f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.run_name=resume-test"]
     try:
+        # Its own Ray (no RAY_ADDRESS), whose workers have the driver's TORCH_EXTENSIONS_DIR.
         first = train(*common, "train.steps=4", timeout=240,
-                      env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)})
+                      env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                           "TORCH_EXTENSIONS_DIR": str(extensions)})
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"no end within 240 s beside a stale build lock: {(exc.stderr or b'')[-2000:]}")
     assert first.returncode == 0, first.stderr[-3000:]
