@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import ray
 from PIL import Image
 
 from conftest import ROOT, TINY_MODEL, free_port, registered_step
@@ -46,6 +47,7 @@ def local_cluster(tmp_path):
     for line in (tmp_path / "cluster" / "env").read_text().splitlines():
         key, value = line.removeprefix("export ").split("=", 1)
         env[key] = value
+    head = int((tmp_path / "cluster" / "ray.pgid").read_text())
     try:
         yield env
     finally:
@@ -53,6 +55,10 @@ def local_cluster(tmp_path):
         assert stopped.returncode == 0, stopped.stderr
         with socket.socket() as s:  # the MLflow server is gone
             assert s.connect_ex(("127.0.0.1", int(env["MLFLOW_PORT"]))) != 0
+        with pytest.raises(ProcessLookupError):  # and so is the Ray head, while the session's head lives on
+            os.killpg(head, 0)
+        ray.init(logging_level="ERROR")
+        ray.shutdown()
 
 
 def _job(env: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
