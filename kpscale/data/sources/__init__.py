@@ -11,8 +11,9 @@ class SourceError(ValueError):
     """Input a source cannot make clips from; the message names the file, field or package."""
 
 
-def numbered(card) -> tuple[dict[str, list[int]], list[str]]:
-    """A generated source's plan: clip indices per split, as many as `card.splits` says."""
+def numbered(card, root=None) -> tuple[dict[str, list[int]], list[str]]:
+    """A generated source's plan: clip indices per split, as many as `card.splits` says (no
+    inputs, so `root` is unused)."""
     return {split: list(range(count)) for split, count in card.splits.items()}, []
 
 
