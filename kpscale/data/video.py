@@ -1,10 +1,12 @@
-"""mp4 encode/decode with torchcodec. Frames are uint8 tensors [T, C, H, W] throughout."""
+"""mp4 encode/decode with torchcodec. Frames are uint8 tensors [T, C, H, W] throughout.
+
+torchcodec is imported where a video is encoded or decoded: loading it (FFmpeg and its torch
+ops) takes 2-3 s, which processes that never touch a video (a training driver, a sweep's trial
+actors, `--help`) need not pay."""
 
 from __future__ import annotations
 
 import torch
-from torchcodec.decoders import VideoDecoder
-from torchcodec.encoders import VideoEncoder
 
 from kpscale.data.card import Encoding
 
@@ -12,6 +14,8 @@ from kpscale.data.card import Encoding
 def encode_mp4(frames: torch.Tensor, fps: float, enc: Encoding) -> bytes:
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"expected uint8 frames [T, 3, H, W], got {frames.dtype} {tuple(frames.shape)}")
+    from torchcodec.encoders import VideoEncoder
+
     extra = {"x264-params": enc.x264_params} if enc.codec == "libx264" and enc.x264_params else None
     data = VideoEncoder(frames.contiguous(), frame_rate=fps).to_tensor(
         format="mp4", codec=enc.codec, pixel_format=enc.pixel_format, crf=enc.crf, preset=enc.preset,
@@ -23,6 +27,8 @@ def encode_mp4(frames: torch.Tensor, fps: float, enc: Encoding) -> bytes:
 def decode_mp4(data: bytes | str, start: int = 0, stop: int | None = None, step: int = 1,
                device: str = "cpu") -> torch.Tensor:
     """Frames [start, stop) of an encoded clip (bytes or a path), as uint8 [T, C, H, W]."""
+    from torchcodec.decoders import VideoDecoder
+
     decoder = VideoDecoder(data, dimension_order="NCHW", num_ffmpeg_threads=1, device=device)
     count = decoder.metadata.num_frames
     stop = count if stop is None else stop
@@ -34,6 +40,8 @@ def decode_mp4(data: bytes | str, start: int = 0, stop: int | None = None, step:
 def decode_window(data: bytes, window: int | None, rng, device: str = "cpu") -> tuple[torch.Tensor, int]:
     """A random run of `window` consecutive frames (all frames when None; the first ones when rng
     is None), and its first index."""
+    from torchcodec.decoders import VideoDecoder
+
     decoder = VideoDecoder(data, dimension_order="NCHW", num_ffmpeg_threads=1, device=device)
     count = decoder.metadata.num_frames
     window = count if window is None else window

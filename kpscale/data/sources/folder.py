@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchcodec.decoders import VideoDecoder
 from tqdm import tqdm
 
 from kpscale.data.shards import SIDECARS, Clip
@@ -88,6 +87,8 @@ def _sidecar_arrays(npz: Path, frames: int) -> dict[str, np.ndarray]:
 def _probe(path: Path, card) -> tuple[int, float]:
     if path.is_dir():
         return len(_frame_files(path, set(card.folder.frame_extensions))), card.fps
+    from torchcodec.decoders import VideoDecoder  # where it is used, as in kpscale.data.video
+
     meta = VideoDecoder(str(path), seek_mode="exact").metadata
     return meta.num_frames, meta.average_fps
 
@@ -173,6 +174,8 @@ def _read_frames(path: Path, card, start: int, stop: int, step: int) -> torch.Te
         if len({im.shape for im in images}) > 1:
             raise SourceError(f"{path}: frames differ in size")
         return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    from torchcodec.decoders import VideoDecoder
+
     return VideoDecoder(str(path), seek_mode="exact").get_frames_in_range(start, stop, step).data
 
 
