@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kpscale.config import ConfigError
+from kpscale.config import ConfigError, positive
 from kpscale.data.card import Encoding
 from kpscale.data.sources.folder import fit
 from kpscale.data.video import decode_mp4, encode_mp4
@@ -70,12 +70,6 @@ def predict(model, cfg, video: torch.Tensor, future: int, samples: int, observed
         states, decoded = model.sample_future(clip, future, samples, observed, offsets)
         columns += _frames(model, cfg, decoded[0], states[0])
     return np.concatenate(columns, axis=2)
-
-
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return int(text)
 
 
 def parse_move(text: str) -> tuple[int, tuple[float, float]]:

@@ -13,18 +13,12 @@ import time
 import torch
 from tqdm import tqdm
 
+from kpscale.config import positive
 from kpscale.evaluate.tracking_error import distance, no_dynamics
 from kpscale.models.vrnn import VRNN, sequence_l2
 from kpscale.train.config import load_train_config
 
 SIZE = 64  # box side in pixels; keypoints are in [-1, 1] units, SIZE / 2 px each
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

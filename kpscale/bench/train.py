@@ -14,7 +14,7 @@ import mlflow
 import torch
 
 from kpscale.bench.data import CARD
-from kpscale.config import load
+from kpscale.config import load, positive
 from kpscale.data.build import build
 from kpscale.data.card import DatasetCard
 from kpscale.data.stream import ClipLoader
@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zero-steps", type=int, default=6, help="steps of each ZeRO memory run")
     parser.add_argument("--zero-stages", type=_stages, default=[0, 2, 3], metavar="0,2,3",
                         help="ZeRO stages whose peak memory per worker is measured, two workers each")
+    parser.add_argument("--clips", type=positive, default=256,
+                        help="training clips of the basketball set the benchmark builds (the reader reads each twice)")
     parser.add_argument("--config", help="training config (default: the package's default)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
 
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> dict:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        build(load(DatasetCard, CARD, ["splits={train: 256, test: 32}"]), work / "data", progress=False)
+        build(load(DatasetCard, CARD, [f"splits={{train: {args.clips}, test: 32}}"]), work / "data", progress=False)
         steps = args.steps
         base = load_train_config(args.config, [
             f"data.train={work / 'data' / 'train'}", f"data.test={work / 'data' / 'test'}",
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"bare PyTorch loop, {steps} steps ...", flush=True)
         bare = _bare_loop(base, steps)
         print("reader alone ...", flush=True)
-        reader = _reader(base, 512)
+        reader = _reader(base, 2 * args.clips)
         # One local Ray for every run; the two measurements above run without it.
         start_ray()
         try:
