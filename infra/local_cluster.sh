@@ -8,7 +8,7 @@
 #   bash infra/local_cluster.sh stop     # stop both (the state folder is kept)
 #
 # Settings, from the environment: KPSCALE_CLUSTER_DIR (.local-cluster), RAY_PORT (6380),
-# RAY_DASHBOARD_PORT (8265), MLFLOW_PORT (5000), RAY_NUM_CPUS (all cores).
+# RAY_DASHBOARD_PORT (8265), MLFLOW_PORT (5000), MLFLOW_WORKERS (2), RAY_NUM_CPUS (all cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=$(realpath -m "${KPSCALE_CLUSTER_DIR:-.local-cluster}")
@@ -31,21 +31,19 @@ EOF
   # shellcheck disable=SC1091
   source "$DIR/env"
 
+  # The MLflow server starts in the background while Ray starts; both are waited for below.
   if [ -s "$DIR/mlflow.pid" ] && kill -0 "$(cat "$DIR/mlflow.pid")" 2>/dev/null; then
     echo "MLflow server already running (pid $(cat "$DIR/mlflow.pid"))"
   else
     # Its own session, so that stop can end the server and its workers as one process group.
     # No server-side jobs: they run GenAI judges, which kpscale does not use, in seven more processes.
+    # Two request workers (MLflow's default is four): one machine's runs log to it, and each
+    # worker is a process that imports MLflow while Ray starts beside it.
     MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" \
+      --workers "${MLFLOW_WORKERS:-2}" \
       --backend-store-uri "sqlite:///$DIR/mlflow.db" --artifacts-destination "$DIR/artifacts" \
       > "$DIR/mlflow.log" 2>&1 < /dev/null &
     echo $! > "$DIR/mlflow.pid"
-    for _ in $(seq 120); do
-      curl -sf "$MLFLOW_TRACKING_URI/health" > /dev/null && break
-      kill -0 "$(cat "$DIR/mlflow.pid")" 2>/dev/null || { tail -20 "$DIR/mlflow.log"; echo "MLflow server failed" >&2; exit 1; }
-      sleep 1
-    done
-    curl -sf "$MLFLOW_TRACKING_URI/health" > /dev/null || { echo "MLflow server did not answer on $MLFLOW_TRACKING_URI" >&2; exit 1; }
   fi
 
   # Ray's socket paths must stay under 107 bytes: its temp folder lives in /tmp.
@@ -59,9 +57,19 @@ EOF
     > "$DIR/ray.log" 2>&1 &
   echo $! > "$DIR/ray.pgid"
   wait $! || { tail -20 "$DIR/ray.log"; echo "ray start failed" >&2; exit 1; }
+  wait_for_mlflow
   wait_for_job_agent
   echo "local cluster up: Ray dashboard $RAY_ADDRESS (token in $DIR/auth_token), MLflow $MLFLOW_TRACKING_URI"
   echo "use it with: source $DIR/env"
+}
+
+wait_for_mlflow() {
+  for _ in $(seq 120); do
+    curl -sf "$MLFLOW_TRACKING_URI/health" > /dev/null && return 0
+    kill -0 "$(cat "$DIR/mlflow.pid")" 2>/dev/null || { tail -20 "$DIR/mlflow.log"; echo "MLflow server failed" >&2; exit 1; }
+    sleep 1
+  done
+  echo "MLflow server did not answer on $MLFLOW_TRACKING_URI" >&2; exit 1
 }
 
 # `ray start` returns before the node's job agent has registered; a job submitted then fails
