@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from kpscale import logs
 from kpscale.bench import data, dynamics, evaluate, swap, train
 from kpscale.config import ConfigError, parse_with_overrides
 from kpscale.data.stream import DataError
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(measure=swap.run)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parse_with_overrides(parser, argv)
+    logs.setup()
     try:
         figures = args.measure(args)
     except (ConfigError, DataError) as exc:

@@ -7,7 +7,6 @@ anything, only the time."""
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +38,6 @@ def _timed(argv: list[str]) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
-    logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         build(load(DatasetCard, CARD, [f"splits={{train: 64, test: {args.clips}}}"]), work / "data", progress=False)

@@ -5,7 +5,6 @@ a training step consumes, and peak memory per worker under ZeRO 0, 2 and 3 (two 
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
 from pathlib import Path
@@ -100,7 +99,6 @@ def run(args: argparse.Namespace) -> dict:
     import ray
 
     from kpscale.train.launch import start_ray
-    logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         build(load(DatasetCard, CARD, [f"splits={{train: {args.clips}, test: 32}}"]), work / "data", progress=False)
