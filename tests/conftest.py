@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import logging
 import os
@@ -117,3 +119,11 @@ def exit_status(main, *args: str) -> int:
         return main(list(args))
     except SystemExit as exit_:
         return exit_.code
+
+
+def run_main(main, *args: str) -> subprocess.CompletedProcess:
+    """exit_status's call, with what the entry point printed, as subprocess.run would return it."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = exit_status(main, *args)
+    return subprocess.CompletedProcess(list(args), status, out.getvalue(), err.getvalue())

@@ -62,7 +62,7 @@ def test_data_benchmark_prints_side_by_side_ratios(tmp_path):
 
 @pytest.mark.slow
 def test_train_benchmark_prints_side_by_side_ratios(tmp_path):
-    result = run("kpscale.bench", "--json", str(tmp_path / "b.json"), "train", "--steps", "8", "--zero-steps", "2",
+    result = run("kpscale.bench", "--json", str(tmp_path / "b.json"), "train", "--clips", "32", "--steps", "8", "--zero-steps", "2",
                  "--zero-stages", "3", *TINY_MODEL, "data.batch_size=4", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ratio" in result.stdout and "x what a step consumes" in result.stdout
@@ -91,11 +91,11 @@ def test_dynamics_toy_and_its_baselines():
 
 @pytest.mark.slow
 def test_the_default_dynamics_learn_the_toy_motion(tmp_path):
-    """The default config's VRNN, fed ground-truth dots for 600 steps, predicts them far better
-    than holding still (best of 10: ~3.9 px against 8.2; the paper's dynamics at beta 0.01
+    """The default config's VRNN, fed ground-truth dots for 300 steps, predicts them far better
+    than holding still (best of 10: ~3.8 px against 8.2; the paper's dynamics at beta 0.01
     reach 6.8, at beta 1 12.1, docs/benchmarks.md)."""
     result = run("kpscale.bench", "--json", str(tmp_path / "b.json"), "dynamics", "--beta", "0.01",
-                 "--steps", "600", "--windows", "100", timeout=600)
+                 "--steps", "300", "--windows", "100", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     import json
     figures = json.loads((tmp_path / "b.json").read_text())

@@ -22,10 +22,10 @@ from kpscale.evaluate.snapshot import fixed_batches
 from kpscale.evaluate.trajectories import read_trajectories
 from kpscale.models import build_family
 from kpscale.train.config import load_train_config
-from conftest import CNN_VRNN, ROOT, TINY_MODEL, exit_status
+from conftest import CNN_VRNN, ROOT, TINY_MODEL, exit_status, run_main
 
 
-SAMPLES, CLIPS = 3, 6
+SAMPLES, CLIPS = 2, 4
 
 
 def _he_init(model: nn.Module) -> nn.Module:
@@ -66,14 +66,19 @@ def trained_run(basketball, tmp_path_factory):
     return {"tmp": tmp, "uri": uri, "run_id": run.info.run_id, "cfg": cfg}
 
 
-def evaluate(trained_run, basketball, *extra, weights=True):
+def _arguments(trained_run, basketball, *extra, weights=True) -> list[str]:
     tmp = trained_run["tmp"]
     networks = ["--i3d", str(tmp / "i3d_pretrained_400.pt"), "--vgg", str(tmp / "vgg16.pth")] if weights else []
-    return subprocess.run(
-        [sys.executable, "-m", "kpscale.evaluate", "--run", trained_run["run_id"], "--data", str(basketball / "test"),
-         "--fit-data", str(basketball / "train"), "--samples", str(SAMPLES), "--clips", str(CLIPS),
-         "--batch-size", "3", "--fit-clips", "16", *networks, "--tracking-uri", trained_run["uri"], *extra],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return ["--run", trained_run["run_id"], "--data", str(basketball / "test"), "--fit-data", str(basketball / "train"),
+            "--samples", str(SAMPLES), "--clips", str(CLIPS), "--batch-size", "3", "--fit-clips", "16", *networks,
+            "--tracking-uri", trained_run["uri"], *extra]
+
+
+def evaluate(trained_run, basketball, *extra, weights=True) -> subprocess.CompletedProcess:
+    """kpscale.evaluate in this process (the command runs as a subprocess over Ray workers below,
+    and without weights)."""
+    from kpscale.evaluate.__main__ import main
+    return run_main(main, *_arguments(trained_run, basketball, *extra, weights=weights))
 
 
 def _child(client, trained_run, run_id):
@@ -145,7 +150,9 @@ def test_evaluate_logs_every_metric_plot_and_trajectory(in_process):
 def test_evaluate_over_ray_workers_matches_in_process(trained_run, basketball, in_process):
     """Clips split over Ray tasks: the same clips, so the same deterministic metrics."""
     single = in_process
-    spread = _check_run(trained_run, evaluate(trained_run, basketball, "--workers", "2"))
+    spread = _check_run(trained_run, subprocess.run(
+        [sys.executable, "-m", "kpscale.evaluate", *_arguments(trained_run, basketball, "--workers", "2")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600))
     for name in ("tracking_error_observed", "tracking_error_null", "tracking_error_no_dynamics",
                  "keypoint_distance/object_0", "objects_found"):
         assert spread[name] == pytest.approx(single[name], rel=1e-5), name

@@ -133,15 +133,16 @@ def _trial_reports(folder: Path) -> dict[str, int]:
 def test_tiny_sweep_asha_mlflow_best_config_and_restore(basketball, tmp_path):
     from ray.tune import ExperimentAnalysis
 
-    # Tune does not save ASHA's rungs: after the restore only trials that report their first rung
-    # then are compared. The third trial records rung 4 before the fourth (lr 1e-7) starts, which
-    # ASHA then stops.
-    grid = "space={train.lr: {grid: [0.01, 0.01, 0.01, 1.0e-7]}}"
+    # One trial at a time, in grid order: the poor trial (lr 1e-7) meets the finished good one's
+    # result at its first rung and ASHA stops it there; the sweep is interrupted as the third
+    # trial starts. (Tune does not save ASHA's rungs, so a poor trial started after the restore
+    # would have nothing to be compared with.)
+    grid = ["space={train.lr: {grid: [0.01, 1.0e-7, 0.01]}}", "max_concurrent_trials=1"]
     log = tmp_path / "first.log"
     with open(log, "w") as out:
-        first = subprocess.Popen(_sweep(basketball, tmp_path, grid), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        first = subprocess.Popen(_sweep(basketball, tmp_path, *grid), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.time() + 400
-        while "completed after" not in log.read_text(errors="replace"):  # one trial done, others not yet
+        while log.read_text(errors="replace").count("completed after") < 2:  # the good trial, then the stopped one
             assert first.poll() is None and time.time() < deadline, log.read_text(errors="replace")[-3000:]
             time.sleep(0.5)
         first.send_signal(signal.SIGINT)
@@ -150,14 +151,14 @@ def test_tiny_sweep_asha_mlflow_best_config_and_restore(basketball, tmp_path):
     folder = tmp_path / "sweeps" / "tiny"
     trials = ExperimentAnalysis(str(folder)).trials
     done_before = {t.trial_id for t in trials if t.status == "TERMINATED"}
-    assert done_before and len(done_before) < 4
+    assert len(done_before) == 2
     reports_before = _trial_reports(folder)
 
-    second = subprocess.run(_sweep(basketball, tmp_path, grid), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(_sweep(basketball, tmp_path, *grid), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "restoring sweep tiny" in second.stderr
     reports_after = _trial_reports(folder)
-    assert len(reports_after) == 4
+    assert len(reports_after) == 3
     for trial in done_before:  # finished trials were not run again
         assert reports_after[trial] == reports_before[trial]
         assert f"Trial run_trial_{trial} started" not in second.stdout + second.stderr
@@ -167,9 +168,9 @@ def test_tiny_sweep_asha_mlflow_best_config_and_restore(basketball, tmp_path):
     (parent,) = client.search_runs([experiment], filter_string="tags.sweep = 'true'")
     children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.data.tags["trial_id"] for c in children) == sorted(reports_after)  # one run per trial
-    assert sorted(c.data.params["train.lr"] for c in children) == ["0.01", "0.01", "0.01", "1e-07"]
+    assert sorted(c.data.params["train.lr"] for c in children) == ["0.01", "0.01", "1e-07"]
     stopped = [c for c in children if c.data.tags.get("stopped_early") == "true"]
-    assert stopped and all(c.info.status == "KILLED" for c in stopped)  # ASHA stopped at least one
+    assert [c.data.params["train.lr"] for c in stopped] == ["1e-07"] and stopped[0].info.status == "KILLED"
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_stopped_early"] == len(stopped)
     finished = [c for c in children if c.info.status == "FINISHED"]
     assert finished and all(c.data.tags.get("stopped_early") is None for c in finished)
