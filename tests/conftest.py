@@ -49,10 +49,19 @@ def ray_head():
     it), and a temp folder of its own, so that a command run without RAY_ADDRESS starts its own
     Ray rather than finding this one. Without the token `ray start` asks for by default: Ray
     reads its auth mode when imported, before a fixture could set it for this process's
-    ray.init (tests/test_local_cluster.py covers a token cluster)."""
+    ray.init (tests/test_local_cluster.py covers a token cluster).
+
+    Every DeepSpeed of the session, in its workers and in this process, runs beside a stale lock
+    of a JIT build in its torch extensions folder, as a user's first run after a Ctrl+C during
+    a build would (kpscale.train.engine.skip_shm_comm_op; torch's lock has no timeout). Ray
+    Train's controllers poll their workers every 0.5 s rather than 2 s: a run's end is seen
+    sooner (~2.4 s a tiny run, docs/benchmarks.md)."""
     temp = Path(tempfile.mkdtemp(prefix="kpt-", dir="/tmp"))  # Ray's socket paths must stay short
     port = free_port()
-    env = {"RAY_AUTH_MODE": "disabled"}
+    (temp / "torch_extensions" / "deepspeed_shm_comm").mkdir(parents=True)
+    (temp / "torch_extensions" / "deepspeed_shm_comm" / "lock").touch()
+    env = {"RAY_AUTH_MODE": "disabled", "TORCH_EXTENSIONS_DIR": str(temp / "torch_extensions"),
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",

@@ -229,10 +229,9 @@ def test_compare_pools_seeds_of_a_model_and_logs_the_runs_as_children(basketball
             _model_folder(tmp_path / "cnn", load_train_config(CNN_VRNN, [*data, *(o for o in TINY_MODEL
                                                                                if "num_keypoints" not in o)]), 0)]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = subprocess.run(
-        [sys.executable, "-m", "kpscale.compare", *map(str, runs), "--data", str(basketball / "test"),
-         "--samples", "2", "--clips", "4", "--fit-clips", "16", "--tracking-uri", uri],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    from kpscale.compare import main  # in this process: the command runs as a subprocess in tests/test_train.py
+    result = run_main(main, *map(str, runs), "--data", str(basketball / "test"), "--samples", "2", "--clips", "4",
+                      "--fit-clips", "16", "--tracking-uri", uri)
     assert result.returncode == 0, result.stderr[-3000:]
     vrnn, rnn = "latent_size=16 name=struct_vrnn num_samples=2", "latent_size=0 name=struct_vrnn num_samples=1"
     cnn = "latent_size=16 name=cnn_vrnn num_samples=2"

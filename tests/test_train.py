@@ -166,31 +166,24 @@ def test_two_workers_zero2_checkpoint_and_a_killed_worker(basketball, tmp_path):
     """Two ZeRO-2 workers checkpoint; when one of them is killed, Ray Train restarts the group from
     the latest checkpoint and the run ends as an uninterrupted one would. (A run resumed by a
     second invocation: tests/test_local_cluster.py and tests/test_family.py; resumed exactly, per
-    ZeRO stage: test_checkpoint_resumes_exactly.) The run is also a user's first: a Ctrl+C during
-    a JIT build leaves a lock file in the torch extensions folder, on which DeepSpeed's CPU
-    shared-memory op (built in deepspeed.initialize) once waited for ever. It trains beside such a
-    lock, and until the kill its output is the training: no warning printed in a loop."""
-    extensions = tmp_path / "torch_extensions"
-    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
-    (extensions / "deepspeed_shm_comm" / "lock").touch()
+    ZeRO stage: test_checkpoint_resumes_exactly.) Until the kill its output is the training, no
+    warning printed in a loop, beside the stale build lock every test's DeepSpeed meets
+    (conftest.ray_head)."""
     log = tmp_path / "train.log"
     with open(log, "w") as out:
-        # Its own Ray (no RAY_ADDRESS), whose workers have the driver's TORCH_EXTENSIONS_DIR.
         run = subprocess.Popen(
             [sys.executable, "-m", "kpscale.train", *TINY, f"data.train={basketball / 'train'}",
              f"data.test={basketball / 'test'}", "train.workers=2", "train.cpus_per_worker=1", "train.zero_stage=2",
-             "train.steps=16", "train.checkpoint_every=2", "train.eval_every=4", "train.eval_clips=8",
+             "train.steps=16", "train.checkpoint_every=4", "train.eval_every=4", "train.eval_clips=8",
              "train.max_failures=2", f"train.storage={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
              "train.run_name=resume-test"],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
-            env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "TORCH_EXTENSIONS_DIR": str(extensions)})
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
     try:
         # Kill once the controller has registered a checkpoint of this run: it restores the latest registered one.
         deadline = time.time() + 240
         while registered_step(tmp_path / "runs" / "resume-test") < 8:
             assert run.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, f"no checkpoint of step 8 within 240 s beside a stale build lock:\n" \
-                                           f"{log.read_text()[-3000:]}"
+            assert time.time() < deadline, f"no checkpoint of step 8 within 240 s:\n{log.read_text()[-3000:]}"
             time.sleep(0.2)
         before_kill = log.read_text()
         workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
@@ -207,7 +200,7 @@ def test_two_workers_zero2_checkpoint_and_a_killed_worker(basketball, tmp_path):
     # The checkpoints Ray Train keeps (keep_checkpoints=2; one being written at the kill stays
     # beside them, unregistered), the last with every rank's state.
     snapshot = json.loads((tmp_path / "runs" / "resume-test" / "checkpoint_manager_snapshot.json").read_text())
-    assert [c["metrics"]["step"] for c in snapshot["checkpoint_results"]] == [14, 16]
+    assert [c["metrics"]["step"] for c in snapshot["checkpoint_results"]] == [12, 16]
     names = {p.name for p in (tmp_path / "runs" / "resume-test" / snapshot["checkpoint_results"][-1]["checkpoint_dir_name"]).rglob("*")}
     assert {"rng-rank0.pt", "rng-rank1.pt", "latest"} <= names
     assert any("optim_states" in n for n in names)

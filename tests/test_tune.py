@@ -137,7 +137,7 @@ def test_tiny_sweep_asha_mlflow_best_config_and_restore(basketball, tmp_path):
     # result at its first rung and ASHA stops it there; the sweep is interrupted as the third
     # trial starts. (Tune does not save ASHA's rungs, so a poor trial started after the restore
     # would have nothing to be compared with.)
-    grid = ["space={train.lr: {grid: [0.01, 1.0e-7, 0.01]}}", "max_concurrent_trials=1"]
+    grid = ["space={train.lr: {grid: [0.01, 1.0e-7, 0.01]}}", "max_concurrent_trials=1", "train.steps=8"]
     log = tmp_path / "first.log"
     with open(log, "w") as out:
         first = subprocess.Popen(_sweep(basketball, tmp_path, *grid), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
@@ -192,7 +192,7 @@ def test_pbt_continues_a_trial_from_another_trials_checkpoint(basketball, tmp_pa
     # Synchronous PBT: both trials meet at each perturbation, however far apart they started.
     result = subprocess.run(_sweep(basketball, tmp_path, "name=pbt", "space={train.lr: {choice: [0.01, 1.0e-7]}}",
                                    "num_samples=2", "scheduler.type=pbt", "scheduler.perturbation_interval=4",
-                                   "scheduler.quantile_fraction=0.5", "scheduler.synch=true", "train.steps=8",
+                                   "scheduler.quantile_fraction=0.5", "scheduler.synch=true", "train.steps=8", "train.eval_every=8",
                                    "train.keep_checkpoints=4"),
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
