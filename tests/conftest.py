@@ -54,8 +54,8 @@ def ray_head():
     Every DeepSpeed of the session, in its workers and in this process, runs beside a stale lock
     of a JIT build in its torch extensions folder, as a user's first run after a Ctrl+C during
     a build would (kpscale.train.engine.skip_shm_comm_op; torch's lock has no timeout). Ray
-    Train's controllers poll their workers every 0.5 s rather than 2 s: a run's end is seen
-    sooner (~2.4 s a tiny run, docs/benchmarks.md)."""
+    Train's controllers poll their workers every 0.5 s rather than Ray's 2 s, so a run's end
+    is seen sooner."""
     temp = Path(tempfile.mkdtemp(prefix="kpt-", dir="/tmp"))  # Ray's socket paths must stay short
     port = free_port()
     (temp / "torch_extensions" / "deepspeed_shm_comm").mkdir(parents=True)
