@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from kpscale.evaluate.evaluator import PartResult
-from kpscale.evaluate.frames import VGG16
 from kpscale.evaluate.fvd import fvd
 from kpscale.evaluate.i3d import I3D
 from kpscale.evaluate.snapshot import fixed_batches
 from kpscale.evaluate.trajectories import read_trajectories
 from kpscale.models import build_family
+from kpscale.models.vgg import VGG
 from kpscale.train.config import load_train_config
 from conftest import CNN_VRNN, ROOT, TINY_MODEL, exit_status, run_main
 
@@ -58,7 +58,7 @@ def trained_run(basketball, tmp_path_factory):
     cfg = load_train_config(None, [*TINY_MODEL, f"data.train={basketball / 'train'}"])
     folder = _model_folder(tmp / "model", cfg, seed=0)
     torch.save(_he_init(I3D()).state_dict(), tmp / "i3d_pretrained_400.pt")
-    torch.save(_he_init(VGG16()).state_dict(), tmp / "vgg16.pth")
+    torch.save(_he_init(VGG()).state_dict(), tmp / "vgg16.pth")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(experiment_id=mlflow.set_experiment("kpscale").experiment_id, run_name="train") as run:

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kpscale.evaluate.frames import (CHECKPOINT, ENV_VAR, PSNR_CEILING, VGG16, load_vgg, psnr_per_step,
-                                     ssim_per_step, vgg_cosine_per_step)
+from kpscale.evaluate.frames import (CHECKPOINT, ENV_VAR, PSNR_CEILING, load_vgg, psnr_per_step, ssim_per_step,
+                                     vgg_cosine_per_step)
+from kpscale.models.vgg import VGG, VGG19_LAYERS
 from kpscale.evaluate.weights import WeightsUnavailable
 
 CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # torchvision's vgg16 `features`
@@ -83,11 +84,11 @@ def test_vgg_refused_without_weights(monkeypatch, tmp_path):
         load_vgg(None)
 
 
-def random_vgg(seed: int) -> VGG16:
+def random_vgg(seed: int) -> VGG:
     """Random VGG-16 with He init: PyTorch's default conv init shrinks activations layer by
     layer until the biases dominate and every frame's features look alike."""
     torch.manual_seed(seed)
-    model = VGG16()
+    model = VGG()
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
@@ -103,7 +104,7 @@ def torchvision_like_file(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def test_vgg_layout():
-    model = VGG16()
+    model = VGG()
     state = model.state_dict()
     assert set(state) == {f"features.{i}.{p}" for i in CONV_INDICES for p in ("weight", "bias")}
     assert state["features.0.weight"].shape == (64, 3, 3, 3)
@@ -112,6 +113,17 @@ def test_vgg_layout():
     assert isinstance(model.features[30], nn.MaxPool2d) and len(model.features) == 31
     # conv5_3 before the last pool: 32x32 frames pooled four times, not five.
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 512, 2, 2)
+
+
+def test_vgg19_layout_and_its_blocks_for_perceptual_losses():
+    model = VGG(VGG19_LAYERS)
+    convs = (0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34)  # torchvision's vgg19 `features`
+    assert set(model.state_dict()) == {f"features.{i}.{p}" for i in convs for p in ("weight", "bias")}
+    x = torch.rand(2, 3, 32, 32)
+    blocks = model.blocks(x)  # conv1_2, conv2_2, conv3_4, conv4_4, conv5_4, each after its ReLU
+    assert [tuple(b.shape[1:]) for b in blocks] == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2)]
+    torch.testing.assert_close(blocks[-1], model(x))  # the last block's output is the features' output
+    assert model.block_ends == [3, 8, 17, 26, 35]
 
 
 def test_vgg_loads_features_and_cosine(tmp_path, monkeypatch):
@@ -134,7 +146,7 @@ def test_vgg_loads_features_and_cosine(tmp_path, monkeypatch):
 
 
 def test_vgg_loader_refuses_missing_feature_key(tmp_path):
-    state = VGG16().state_dict()
+    state = VGG().state_dict()
     del state["features.28.bias"]
     path = tmp_path / CHECKPOINT
     torchvision_like_file(state, path)
