@@ -50,7 +50,7 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
-def _npy(array: np.ndarray) -> bytes:
+def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
     return buf.getvalue()
@@ -63,7 +63,7 @@ def encode_sample(clip: Clip, dataset: str, enc: Encoding) -> dict[str, bytes | 
     for name in SIDECARS:
         value = getattr(clip, name)
         if value is not None:
-            sample[f"{name}.npy"] = _npy(value)
+            sample[f"{name}.npy"] = npy_bytes(value)
             meta[name + "_shape"] = list(value.shape)
     sample["json"] = json.dumps(meta, sort_keys=True).encode()
     return sample

@@ -70,6 +70,7 @@ class LoaderConfig(Config):
     drop_last: bool = True  # drop each worker's last partial batch
     decode_device: Literal["cpu", "cuda"] = "cpu"  # cuda: NVDEC, needs yuv420p shards
     random_window: bool = True  # False: each clip's first frames, the same whatever the split (evaluation)
+    frames: bool = True  # False: batches of labels and sidecars only, no video decoded (a stage that trains on keypoints)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -203,17 +204,28 @@ def plan_pieces(shards: list[ShardRef], lo: int, hi: int) -> list[tuple[ShardRef
     return pieces
 
 
-def _decode(key: str, parts: dict[str, bytes], window: int | None, rng, device: str) -> dict:
-    if "mp4" not in parts:
-        raise DataError("sample has no mp4")
-    video, start = decode_window(parts["mp4"], window, rng, device)
-    sample = {"key": key, "start": start, "video": video.float().div_(255)}
-    for name in SIDECARS:
-        if f"{name}.npy" in parts:
-            array = np.load(io.BytesIO(parts[f"{name}.npy"]), allow_pickle=False)
-            if array.shape[0] < start + len(video):
-                raise DataError(f"{name}.npy has {array.shape[0]} steps, the video more")
-            sample[name] = torch.from_numpy(np.asarray(array[start:start + len(video)], np.float32))
+def _decode(key: str, parts: dict[str, bytes], window: int | None, rng, device: str, frames: bool = True) -> dict:
+    sidecars = {name: np.load(io.BytesIO(parts[f"{name}.npy"]), allow_pickle=False)
+                for name in SIDECARS if f"{name}.npy" in parts}
+    if frames:
+        if "mp4" not in parts:
+            raise DataError("sample has no mp4")
+        video, start = decode_window(parts["mp4"], window, rng, device)
+        sample = {"key": key, "start": start, "video": video.float().div_(255)}
+        length, what = len(video), "the video"
+    else:
+        if not sidecars:
+            raise DataError(f"sample has no sidecar ({', '.join(SIDECARS)}) to read without its frames")
+        steps = min(len(a) for a in sidecars.values())
+        length = steps if window is None else window
+        if steps < length:
+            raise DataError(f"sample has {steps} steps, the window needs {length}")
+        start = int(rng.integers(steps - length + 1)) if rng is not None else 0
+        sample, what = {"key": key, "start": start}, "the window"
+    for name, array in sidecars.items():
+        if array.shape[0] < start + length:
+            raise DataError(f"{name}.npy has {array.shape[0]} steps, {what} more")
+        sample[name] = torch.from_numpy(np.asarray(array[start:start + length], np.float32))
     meta = json.loads(parts["json"]) if "json" in parts else {}
     sample["label"] = str(meta.get("label", ""))
     return sample
@@ -278,7 +290,7 @@ class ClipStream(IterableDataset):
         for url, key, parts in self._shuffled(self._raw(rng, worker, workers), rng):
             try:
                 batch.append(_decode(key, parts, self.window, rng if self.cfg.random_window else None,
-                                     self.cfg.decode_device))
+                                     self.cfg.decode_device, self.cfg.frames))
             except Exception as exc:
                 log.warning("skipping sample %s in shard %s: %s", key, url, exc)
                 self.skipped["samples"] += 1
@@ -340,7 +352,7 @@ class ClipLoader:
             got = 0
             for batch in loader:
                 self.skipped.update(batch.pop("skipped"))
-                if "video" not in batch:
+                if "key" not in batch:  # only skip counts
                     continue
                 got += 1
                 produced += 1
