@@ -11,6 +11,7 @@ from pathlib import Path
 import fsspec
 import mlflow
 import yaml
+from mlflow.entities import Param
 
 from kpscale.config import Config
 
@@ -92,6 +93,24 @@ def run_page(uri: str, run_id: str) -> str:
     if uri.startswith("http"):
         return uri.rstrip("/") + path
     return f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000{path}"
+
+
+def stage_run(parent_id: str, stage: str, params: dict) -> str:
+    """The nested run of one stage of a multi-stage training run: created under the run with the
+    run's tags and the stage's params, or found again when the run resumes. Its metrics, videos
+    and figures are the stage's; the parent keeps the whole run's curves and the model."""
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_id)
+    found = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and "
+                               f"tags.kpscale_stage = '{stage}'")
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    tags = {k: v for k, v in parent.data.tags.items() if not k.startswith("mlflow.")}
+    run = client.create_run(parent.info.experiment_id, run_name=f"{parent.info.run_name}/{stage}",
+                            tags={**tags, "mlflow.parentRunId": parent_id, "kpscale_stage": stage})
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    return run.info.run_id
 
 
 def log_model(weights: dict, cfg: Config) -> None:

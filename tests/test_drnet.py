@@ -263,9 +263,11 @@ def test_drnet_trains_both_stages_then_evaluates_predicts_and_swaps_through_the_
     assert "optimisers scene_discriminator then main" in train.stderr
     assert "stage dynamics (steps 5-6)" in train.stderr and "content_encoder, pose_encoder, decoder frozen" in train.stderr
     client = mlflow.MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("kpscale").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("kpscale").experiment_id])
+    (run,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     run_id = run.info.run_id
     assert run.data.tags["model"] == "drnet"
+    assert sorted(r.data.tags["kpscale_stage"] for r in runs if r is not run) == ["dynamics", "representation"]
     assert {"train/main/reconstruction", "train/scene_discriminator/accuracy", "train/lr/main", "train/loss",
             "psnr_reconstruction", "psnr_predicted"} <= set(run.data.metrics)
     assert [i.dataset.name for i in run.inputs.dataset_inputs] == [f"moving_mnist/{s}" for s in ("train", "test")]

@@ -7,6 +7,7 @@ boundary and logs to MLflow."""
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Literal
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from kpscale.config import Config
+from kpscale.data.shards import read_manifest
 from kpscale.models import FAMILIES
 from kpscale.models.family import Family, Optimiser, Stage, borrow
 from kpscale.tracking import model_folder
@@ -73,7 +75,9 @@ class HeadLoss(nn.Module):
 
 class ToyFamily(Family):
     config = ToyConfig
-    stages = (Stage("adversarial", ("generator", "critic")), Stage("head", ("head",), frozen=("generator",)))
+    # The head trains on derived shards (as Kim et al.'s motion stage on its pseudo-labels), without frames.
+    stages = (Stage("adversarial", ("generator", "critic")),
+              Stage("head", ("head",), frozen=("generator",), derived="toy_labels", frames=False))
     metrics = ("train/generator/loss",)
 
     def __init__(self, cfg):
@@ -88,7 +92,15 @@ class ToyFamily(Family):
     def loss(self, stage, optimiser, engine, batch, step, outputs):
         if optimiser == "critic":
             return engine(outputs["generator"]["fake"], batch["video"].flatten(1)[:, :self.cfg.size])
+        if optimiser == "head":
+            return engine(batch["coords"].flatten(1)[:, :self.cfg.size])
         return engine(torch.randn(len(batch["video"]), self.cfg.size))  # the RNG a resumption must restore
+
+    def derive(self, name, video):
+        """Each frame's generator output on its mean colour, repeated: [T, 3, 2] as coords."""
+        with torch.no_grad():
+            out = self.root.generator(video.mean((2, 3)).repeat(1, 2))
+        return {"coords": out.view(len(video), 3, 2).numpy()}
 
     def evaluate(self, cfg, stage, device, dtype):
         with torch.no_grad():
@@ -202,7 +214,8 @@ def test_two_optimisers_match_plain_pytorch_and_resume_exactly(stage, tmp_path, 
 def test_a_toy_family_trains_checkpoints_and_resumes_at_a_stage_boundary_through_the_loop(
         tmp_path, monkeypatch, toy_registered, basketball):
     """Stage 1 alone in one run; the same run then continues with stage 2 from its checkpoint at
-    stage 1's end: the generator stays as stage 1 left it (frozen), the head trains, the curves
+    stage 1's end: the generator stays as stage 1 left it (frozen) and derives stage 2's shards,
+    the head trains on them, the curves
     run on across both invocations, and each invocation that reached its last step logged the
     model. (That resuming is exact is the test above, per ZeRO stage.)"""
     from kpscale.train.launch import fit
@@ -216,15 +229,23 @@ def test_a_toy_family_trains_checkpoints_and_resumes_at_a_stage_boundary_through
     ray.init(logging_level="ERROR")  # the session's Ray head (conftest.ray_head)
     try:
         fit(_config(tmp_path, *common, stages, "train.stage=adversarial", "train.steps=3"))
-        first = mlflow.MlflowClient(uri).search_runs(
-            [mlflow.MlflowClient(uri).get_experiment_by_name("kpscale").experiment_id])[0].info.run_id
+        client = mlflow.MlflowClient(uri)
+        (first,) = [r.info.run_id for r in client.search_runs([client.get_experiment_by_name("kpscale").experiment_id])
+                    if "mlflow.parentRunId" not in r.data.tags]
         after_stage_1 = torch.load(model_folder(first, uri) / "weights.pt", weights_only=True)
         fit(_config(tmp_path, *common, stages, "train.steps=6"))  # the same run_name: resumes
     finally:
         ray.shutdown()
-    client = mlflow.MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("kpscale").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("kpscale").experiment_id])
+    (run,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert run.data.tags["model"] == "toy"
+    # Each stage has a nested run holding its own part of the curves.
+    stages = {r.data.tags["kpscale_stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id}
+    assert sorted(stages) == ["adversarial", "head"] and stages["head"].data.params["first_step"] == "4"
+    assert [x.step for x in client.get_metric_history(stages["adversarial"].info.run_id, "train/critic/loss")] == [2, 3]
+    assert [x.step for x in client.get_metric_history(stages["head"].info.run_id, "head_output")] == [6]
+    assert "train/critic/loss" not in stages["head"].data.metrics
+    assert [f.path for f in client.list_artifacts(stages["head"].info.run_id, "videos")] == ["videos/step-0000006.gif"]
     history = {m: [x.step for x in client.get_metric_history(run.info.run_id, m)]
                for m in ("train/generator/loss", "train/critic/loss", "train/lr/generator", "train/loss", "head_output")}
     assert history["train/generator/loss"] == history["train/critic/loss"] == history["train/lr/generator"] == [2, 3]
@@ -242,3 +263,9 @@ def test_a_toy_family_trains_checkpoints_and_resumes_at_a_stage_boundary_through
         torch.testing.assert_close(weights[key], after_stage_1[key], rtol=0, atol=0, msg=key)
     assert not torch.equal(weights["head.weight"], after_stage_1["head.weight"])
     assert torch.equal(weights["critic.weight"], after_stage_1["critic.weight"])  # no optimiser in stage 2
+    # Stage 2 read the shards stage 1's generator derived, written in the run's storage with their provenance.
+    derived = tmp_path / "runs" / "struct_vrnn-basketball" / "toy_labels"
+    provenance = json.loads((derived / "provenance.json").read_text())
+    assert provenance["stage"] == "head" and provenance["step"] == 3 and provenance["source"] == str(basketball / "train")
+    rows = read_manifest(derived / "manifest.parquet").to_pylist()
+    assert len(rows) == len(read_manifest(basketball / "train" / "manifest.parquet")) and {r["objects"] for r in rows} == {3}

@@ -12,8 +12,10 @@ be added to the other optimiser's next step (ZeRO-0) or break its reduction (ZeR
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -36,6 +38,10 @@ class Stage:
     name: str
     optimisers: tuple[str, ...]  # each loop step steps them once each, in this order
     frozen: tuple[str, ...] = ()  # modules used and not trained: an earlier stage (or init_from) trained them
+    # Not None: the stage trains on shards derived from data.train at its start by the model so
+    # far (Family.derive), written once under {train.storage}/{train.run_name}/<derived>.
+    derived: str | None = None
+    frames: bool = True  # False: its batches hold labels and sidecars, no decoded frames
 
 
 class Family:
@@ -67,6 +73,15 @@ class Family:
         `engine` (DeepSpeed's forward bookkeeping runs there). `outputs`: what the optimisers
         before it returned this step; `step` counts from the run's start."""
         raise NotImplementedError
+
+    def derive(self, name: str, video: Tensor) -> dict[str, np.ndarray]:
+        """The sidecars (kpscale.data.shards.SIDECARS) of a clip [T, 3, H, W] in [0, 1] in the
+        derived shards `name` of a stage (Stage.derived); the clip's other parts are copied."""
+        raise NotImplementedError
+
+    def figures(self, folder: str) -> list[Path]:
+        """Images of the last evaluation written into `folder` (a confusion matrix...), logged beside its video."""
+        return []
 
     def evaluate(self, cfg, stage: str, device: torch.device, dtype: torch.dtype) -> tuple[dict[str, float], object]:
         """Metrics and a video panel (uint8 frames [T, H, W, 3], kpscale.evaluate.media.panel) on

@@ -120,7 +120,7 @@ def fit(cfg: TrainConfig, parent_run_id: str | None = None, callbacks: list | No
         train_loop,
         # The config and the family as objects: a family the workers' registry lacks (a test's) trains too.
         train_loop_config={"cfg": cfg, "family": FAMILIES[cfg.model.name], "mlflow_run_id": run_id,
-                           "tracking_uri": uri},
+                           "tracking_uri": uri, "storage": storage},
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -18,6 +18,7 @@ import mlflow
 import ray.train
 import torch
 import torch.distributed as dist
+from mlflow.entities import Metric
 
 from kpscale import logs, tracking
 from kpscale.data.stream import ClipLoader
@@ -51,7 +52,6 @@ def train_loop(config: dict) -> None:
         folder = opened.enter_context(restored.as_directory()) if restored else None
         saved_stage = checkpoint.stage(folder) if folder else None
         first = [s.name for s in stages].index(saved_stage) if saved_stage else 0
-        loader = ClipLoader(cfg.data.train, cfg.data, window=cfg.window, rank=rank, world_size=world)
         if rank == 0:
             mlflow.set_tracking_uri(config["tracking_uri"])
             mlflow.start_run(run_id=config["mlflow_run_id"])
@@ -76,6 +76,16 @@ def train_loop(config: dict) -> None:
                 module.requires_grad_(False).eval().to(device, dtype)
             optimisers = {name: family.optimiser(name) for name in stage.optimisers}
             _check_disjoint(optimisers, cfg.model.name)
+            # What no engine holds, frozen or unused, goes into each checkpoint beside the engines' states.
+            engine_params = {id(p) for optimiser in optimisers.values() for p in optimiser.module.parameters()}
+            kept = {name: module for name, module in modules.items()
+                    if not any(id(p) in engine_params for p in module.parameters())}
+            source = cfg.data.train
+            if stage.derived:
+                source = _derived_data(family, stage, cfg, config["storage"], ends[index - 1] if index else 0,
+                                       rank, world)
+            loader = ClipLoader(source, cfg.data.model_copy(update={"frames": stage.frames}), window=cfg.window,
+                                rank=rank, world_size=world)
             engines = {name: build_engine(optimiser, cfg, bf16, section.steps) for name, optimiser in optimisers.items()}
             if folder and index == first:
                 state = checkpoint.load(engines, folder, rank)
@@ -88,6 +98,13 @@ def train_loop(config: dict) -> None:
             trainable = {name: [p for p in engine.module.parameters() if p.requires_grad]
                          for name, engine in engines.items()}
             weights = None
+            child = None  # the stage's nested MLflow run, beside the run's own
+            if rank == 0 and cfg.train.stages:
+                child = tracking.stage_run(config["mlflow_run_id"], section.name, {
+                    "stage": section.name, "first_step": ends[index] - section.steps + 1, "last_step": ends[index],
+                    "optimisers": ", ".join(stage.optimisers), "frozen": ", ".join(frozen) or "none",
+                    "init_from": section.init_from or ("the previous stage" if index else "none"),
+                    "data": source})
             if rank == 0 and step < ends[index]:
                 what = cfg.model.name + (f", stage {section.name} (steps {step + 1}-{ends[index]})"
                                          if cfg.train.stages else "")
@@ -102,19 +119,20 @@ def train_loop(config: dict) -> None:
                 fetch = time.perf_counter()
                 for batch in loader:
                     meter.waited += time.perf_counter() - fetch
-                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-                    batch["video"] = batch["video"].to(dtype)
+                    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    if "video" in batch:
+                        batch["video"] = batch["video"].to(dtype)
                     outputs = optimiser_steps(family, stage.name, engines, trainable, batch, step)
                     step += 1
-                    meter.add(len(batch["video"]), _terms(outputs))
+                    meter.add(len(batch["key"]), _terms(outputs))
                     end = step == ends[index]
                     if step % cfg.train.log_every == 0 or end:
-                        latest.update(meter.log(loader, step, rank, _lrs(engines)))
+                        latest.update(meter.log(loader, step, rank, _lrs(engines), child))
                         meter = Meter()
                     paused = time.perf_counter()
                     evaluated = step % cfg.train.eval_every == 0 or end
                     if evaluated:
-                        latest.update(_evaluate(family, stage.name, frozen, cfg, device, dtype, step, rank))
+                        latest.update(_evaluate(family, stage.name, frozen, cfg, device, dtype, step, rank, child))
                     saved = step % cfg.train.checkpoint_every == 0 or end
                     if end:  # collective; before the last report, on which a sweep may stop the trial
                         weights = _full_weights(family, cfg, rank)
@@ -122,7 +140,7 @@ def train_loop(config: dict) -> None:
                             tracking.log_model(weights, cfg)
                     if evaluated or saved:
                         _report(engines, checkpoint, latest, {"step": step, "epoch": epoch, "stage": section.name},
-                                frozen, rank, save=saved)
+                                kept, rank, save=saved)
                     meter.started += time.perf_counter() - paused  # evaluation and checkpoints are not training time
                     if end:
                         break
@@ -130,8 +148,27 @@ def train_loop(config: dict) -> None:
                 epoch += 1
             if weights is None and index + 1 < len(stages):  # resumed at this stage's end
                 weights = _full_weights(family, cfg, rank)
+            if child and step >= ends[index]:
+                mlflow.MlflowClient().set_terminated(child)
     if rank == 0:
         mlflow.end_run()
+
+
+def _derived_data(family, stage, cfg: TrainConfig, storage: str, step: int, rank: int, world: int) -> str:
+    """The stage's derived shard set (Stage.derived) in the run's storage, written by the model
+    as it is at the stage's start, or reused when that model already wrote it. Collective."""
+    import hashlib
+
+    from kpscale.data.derived import derive_shards
+
+    digest = hashlib.sha256()
+    for name, value in sorted(family.root.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().float().cpu().numpy().tobytes())
+    provenance = {"name": stage.derived, "model": cfg.model.name, "stage": stage.name, "step": step,
+                  "weights_sha256": digest.hexdigest(), "run_name": cfg.train.run_name}
+    return derive_shards(cfg.data.train, f"{storage}/{cfg.train.run_name}/{stage.derived}",
+                         lambda video: family.derive(stage.derived, video), provenance, rank, world)
 
 
 def _check_disjoint(optimisers: dict, family: str) -> None:
@@ -198,9 +235,9 @@ class Meter:
         for name, value in terms.items():
             self.sums[name] += value.item()
 
-    def log(self, loader: ClipLoader, step: int, rank: int, lrs: dict[str, float]) -> dict[str, float]:
+    def log(self, loader: ClipLoader, step: int, rank: int, lrs: dict[str, float], child: str | None) -> dict[str, float]:
         """Collective: throughput and skipped clips are totals over ranks. Returns the metrics
-        on rank 0, nothing on the others."""
+        on rank 0, nothing on the others. Logged to the run, and to its stage's run `child`."""
         seconds = time.perf_counter() - self.started
         totals = torch.tensor([self.clips, loader.skipped["samples"], loader.skipped["shards"]], dtype=torch.float64)
         dist.all_reduce(totals)
@@ -213,7 +250,7 @@ class Meter:
                         "train/data_wait_fraction": self.waited / seconds,
                         "train/skipped_clips": totals[1].item(), "train/skipped_shards": totals[2].item(),
                         **{f"train/{name}": lr for name, lr in lrs.items()}, "system/peak_memory_mb": peak.item()})
-        mlflow.log_metrics(metrics, step=step)
+        _log_metrics(metrics, step, child)
         losses = ", ".join(f"{v:.4f}" + (f" ({k[len('train/'):-len('/loss')]})" if k != "train/loss" else "")
                            for k, v in metrics.items() if k == "train/loss" or k.endswith("/loss"))
         log.info("step %d: loss %s, %.1f clips/s, %.0f%% of the time waiting for data", step, losses,
@@ -221,9 +258,17 @@ class Meter:
         return metrics
 
 
+def _log_metrics(metrics: dict[str, float], step: int, child: str | None) -> None:
+    mlflow.log_metrics(metrics, step=step)
+    if child:
+        mlflow.MlflowClient().log_batch(child, metrics=[Metric(k, v, int(time.time() * 1000), step)
+                                                        for k, v in metrics.items()])
+
+
 def _evaluate(family, stage: str, frozen: dict, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
-              step: int, rank: int) -> dict[str, float]:
-    """On every rank (a ZeRO-3 forward pass needs them all); rank 0 logs."""
+              step: int, rank: int, child: str | None) -> dict[str, float]:
+    """On every rank (a ZeRO-3 forward pass needs them all); rank 0 logs, to the run and to its
+    stage's run `child`."""
     from kpscale.evaluate.media import save_gif
 
     metrics, video = family.evaluate(cfg, stage, device, dtype)
@@ -231,10 +276,15 @@ def _evaluate(family, stage: str, frozen: dict, cfg: TrainConfig, device: torch.
         module.eval()
     if rank != 0:
         return metrics
-    mlflow.log_metrics(metrics, step=step)
+    _log_metrics(metrics, step, child)
     log.info("step %d: %s", step, family.describe(metrics))
     with tempfile.TemporaryDirectory() as folder:
-        mlflow.log_artifact(str(save_gif(video, f"{folder}/step-{step:07d}.gif")), artifact_path="videos")
+        files = {str(save_gif(video, f"{folder}/step-{step:07d}.gif")): "videos",
+                 **{str(path): f"figures/step-{step:07d}" for path in family.figures(folder)}}
+        for path, where in files.items():
+            mlflow.log_artifact(path, artifact_path=where)
+            if child:
+                mlflow.MlflowClient().log_artifact(child, path, artifact_path=where)
     return metrics
 
 
