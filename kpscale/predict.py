@@ -1,9 +1,11 @@
 """python -m kpscale.predict --run RUN --video FILE [--observed 8] [--future 24] [--samples 5] [--move K:DX,DY] --out OUT.mp4
+python -m kpscale.predict --run RUN --image FRAME.png --label wave [--future 16] --out OUT.mp4
 
 Loads a trained model (the `model/` artifacts a training run logs to MLflow, or a folder holding
 weights.pt and config.yaml), reads any video, observes its first frames and writes an mp4 with
 the input on the left and sampled futures beside it, keypoints drawn on every frame (for a
-model with keypoints)."""
+model with keypoints). A class-conditional model (Kim et al.) animates one frame (--image, or a
+video's first frame) as the action --label names."""
 
 from __future__ import annotations
 
@@ -48,15 +50,22 @@ def _frames(model, cfg, decoded: torch.Tensor, states: torch.Tensor) -> list[np.
 
 @torch.no_grad()
 def predict(model, cfg, video: torch.Tensor, future: int, samples: int, observed: int | None = None,
-            moves: dict[int, tuple[float, float]] | None = None, seed: int = 0) -> np.ndarray:
+            moves: dict[int, tuple[float, float]] | None = None, seed: int = 0, label: str | None = None) -> np.ndarray:
     """uint8 frames [T, H, (1 + samples) * W, 3]: the input, then each sampled future. With `moves`
     ({keypoint: (dx, dy) pixels}) the observed keypoints are shifted (paper Sec. 5.4) and the
     manipulated futures follow the original ones, drawn with the same noise, so the two differ
-    only by the manipulation: [T, H, (1 + 2 * samples) * W, 3]."""
+    only by the manipulation: [T, H, (1 + 2 * samples) * W, 3]. `label`: the action a
+    class-conditional model generates (one of its model.classes)."""
+    classes = getattr(cfg.model, "classes", None)
+    if classes and label is None:
+        raise ConfigError(f"--label: a {cfg.model.name} model generates the action it is given, one of {list(classes)}")
+    if label is not None and not classes:
+        raise ConfigError(f"--label: a {cfg.model.name} model takes no action class")
+    condition = {"label": cfg.model.class_index([label])} if classes else {}
     frames, _, _ = fit(video, cfg.model.image_size, "crop")
     clip = frames[None].float() / 255
     torch.manual_seed(seed)
-    states, decoded = model.sample_future(clip, future, samples, observed)  # [1, S, T, ...]
+    states, decoded = model.sample_future(clip, future, samples, observed, **condition)  # [1, S, T, ...]
     steps = states.shape[2]
     truth = np.zeros((steps, *frames.shape[2:], 3), np.uint8)
     shown = frames[:steps].permute(0, 2, 3, 1).numpy()
@@ -70,6 +79,18 @@ def predict(model, cfg, video: torch.Tensor, future: int, samples: int, observed
         states, decoded = model.sample_future(clip, future, samples, observed, offsets)
         columns += _frames(model, cfg, decoded[0], states[0])
     return np.concatenate(columns, axis=2)
+
+
+def _read_image(path: str) -> torch.Tensor:
+    """An image file -> uint8 [1, 3, H, W]."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ConfigError(f"--image {path}: not an image PIL reads ({exc})") from None
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None]
 
 
 def parse_move(text: str) -> tuple[int, tuple[float, float]]:
@@ -86,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kpscale.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="MLflow run id of a training run, or a model folder")
-    parser.add_argument("--video", required=True, help="any video file ffmpeg reads (mp4, avi, mkv, webm)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--video", help="any video file ffmpeg reads (mp4, avi, mkv, webm)")
+    source.add_argument("--image", help="one frame (png, jpg) to start from")
+    parser.add_argument("--label", help="the action a class-conditional model generates (one of its model.classes)")
     parser.add_argument("--observed", type=positive, help="frames to observe (default: the model's model.observed)")
     parser.add_argument("--future", type=positive, default=24, help="frames to predict after the observed ones")
     parser.add_argument("--samples", type=positive, default=5, help="sampled futures shown side by side")
@@ -99,14 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model, cfg = load_trained(args.run, args.tracking_uri)
-        if not Path(args.video).is_file():
-            raise ConfigError(f"--video {args.video}: no such file")
-        video = decode_mp4(args.video)
+        flag, path = ("--video", args.video) if args.video else ("--image", args.image)
+        if not Path(path).is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
+        video = decode_mp4(path) if args.video else _read_image(path)
         observed = args.observed or cfg.model.observed
         if len(video) < observed:
-            raise ConfigError(f"--video {args.video}: {len(video)} frames, --observed is {observed}")
+            raise ConfigError(f"{flag} {path}: {len(video)} frames, --observed is {observed}")
         frames = predict(model, cfg, video[:observed + args.future], args.future, args.samples, observed,
-                         dict(args.move), args.seed)
+                         dict(args.move), args.seed, args.label)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

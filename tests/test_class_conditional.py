@@ -2,10 +2,15 @@
 its maps' expected coordinates, the translator draws only where its mask lets it, and the
 motion generator's sequences follow the class and z it is given."""
 
+import json
+import tarfile
+
 import pytest
 import torch
 from pydantic import ValidationError
 
+from kpscale.models.class_conditional.family import (ClassConditionalFamily, frame_pairs, keypoints_from_pixels,
+                                                     keypoints_to_pixels)
 from kpscale.models.class_conditional.model import ClassConditional, ClassConditionalConfig, soft_argmax
 from kpscale.models.keypoints import coordinate_grid
 
@@ -98,3 +103,175 @@ def test_bad_configs_are_refused_naming_the_key(overrides, words):
     with pytest.raises(ValidationError) as err:
         ClassConditionalConfig(**overrides)
     assert all(word in str(err.value) for word in words), str(err.value)
+
+
+# The family: stage 1's pairs, the pseudo-label shards stage 2 streams, and optimisers that each
+# move only what they own.
+
+FAMILY = dict(SMALL, generated=6, pair_gap=(2, 4))
+
+
+def test_frame_pairs_are_a_gap_apart_within_each_clip():
+    video = torch.arange(5 * 7, dtype=torch.float).view(5, 7, 1, 1, 1).expand(5, 7, 3, 2, 2)  # frame t of clip b: 7b + t
+    torch.manual_seed(0)
+    for _ in range(20):
+        reference, target = frame_pairs(video, (2, 4))
+        clip, start = reference[:, 0, 0, 0].div(7, rounding_mode="floor"), reference[:, 0, 0, 0] % 7
+        assert torch.equal(clip, torch.arange(5.0))  # the same clip
+        gap = target[:, 0, 0, 0] - reference[:, 0, 0, 0]
+        assert ((2 <= gap) & (gap <= 4)).all() and (start + gap <= 6).all()
+
+
+@pytest.mark.parametrize("map_size", [16, 64])
+def test_pixels_and_keypoints_convert_both_ways(map_size):
+    from kpscale.evaluate.media import keypoint_pixels
+
+    keypoints = torch.rand(3, 5, 2) * 2 - 1
+    pixels = keypoints_to_pixels(keypoints, map_size, 64)
+    torch.testing.assert_close(keypoints_from_pixels(pixels, map_size, 64), keypoints)
+    torch.testing.assert_close(pixels, torch.from_numpy(keypoint_pixels(keypoints, map_size, 64)))
+    corners = keypoints_to_pixels(torch.tensor([[-1.0, 1.0], [1.0, -1.0]]), map_size, 64)
+    cell = 64 / map_size
+    assert corners.tolist() == [[cell / 2] * 2, [64 - cell / 2] * 2]  # the top-left and bottom-right cells' centres
+
+
+@pytest.fixture(scope="module")
+def tiny_actors(tmp_path_factory):
+    from kpscale.config import load
+    from kpscale.data.build import build
+    from kpscale.data.card import DatasetCard
+    from conftest import ROOT
+
+    out = tmp_path_factory.mktemp("actors")
+    card = load(DatasetCard, ROOT / "datasets" / "actors.yaml",
+                ["workers=1", "splits={train: 12, test: 6}", "clip_length=10", "clips_per_shard=6"])
+    build(card, out, progress=False)
+    return out
+
+
+def test_pseudo_label_shards_hold_the_detectors_keypoints_and_read_back(tiny_actors, tmp_path):
+    from kpscale.data.derived import PROVENANCE, derive_shards
+    from kpscale.data.shards import MANIFEST, read_manifest
+    from kpscale.data.stream import ClipLoader, DataConfig
+    from kpscale.data.video import decode_window
+
+    torch.manual_seed(0)
+    family = ClassConditionalFamily(ClassConditionalConfig(**FAMILY))
+    family.root.train()  # derive must use the detector in eval mode whatever mode it is in
+    out = str(tmp_path / "pseudo_labels")
+    provenance = {"name": "pseudo_labels", "weights": "a"}
+    derive_shards(str(tiny_actors / "train"), out, lambda v: family.derive("pseudo_labels", v), provenance)
+    assert family.root.detector.training
+    rows = read_manifest(tmp_path / "pseudo_labels" / MANIFEST).to_pylist()
+    source = read_manifest(tiny_actors / "train" / MANIFEST).to_pylist()
+    assert [(r["key"], r["label"]) for r in rows] == [(r["key"], r["label"]) for r in source]
+    assert {r["objects"] for r in rows} == {5} and {r["frames"] for r in source} == {10}
+    assert json.loads((tmp_path / "pseudo_labels" / PROVENANCE).read_text())["weights"] == "a"
+
+    cfg = DataConfig(batch_size=4, num_workers=0, shuffle=False, random_window=False, frames=False)
+    batches = list(ClipLoader(out, cfg, window=7))
+    assert len(batches) == 3 and all("video" not in b for b in batches)
+    batch = batches[0]
+    assert batch["coords"].shape == (4, 7, 5, 2) and batch["label"] == [r["label"] for r in source[:4]]
+    # The coords are the detector's keypoints of the clip's frames, which the shards still hold as they were.
+    with tarfile.open(tiny_actors / "train" / "shard-000000.tar") as tar:
+        mp4 = tar.extractfile(f"{source[0]['key']}.mp4").read()
+    frames = decode_window(mp4, None, None)[0].float() / 255
+    with torch.no_grad():
+        want = keypoints_to_pixels(family.root.eval().detector(frames[:7]), 64, 64)
+    torch.testing.assert_close(batch["coords"][0], want, atol=1e-4, rtol=0)
+    video = next(iter(ClipLoader(out, cfg.model_copy(update={"frames": True}), window=7)))["video"]
+    torch.testing.assert_close(video[0], frames[:7])
+    assert torch.equal(family.pseudo_labels(batch), keypoints_from_pixels(batch["coords"], 64, 64))
+
+    shard = tmp_path / "pseudo_labels" / "shard-000000.tar"
+    written = shard.stat().st_mtime_ns
+    derive_shards(str(tiny_actors / "train"), out, lambda v: family.derive("pseudo_labels", v), provenance)
+    assert shard.stat().st_mtime_ns == written  # the same model's labels: reused
+    derive_shards(str(tiny_actors / "train"), out, lambda v: family.derive("pseudo_labels", v),
+                  {**provenance, "weights": "b"})
+    assert shard.stat().st_mtime_ns != written  # another model's: written again
+    with pytest.raises(ValueError, match=r"pseudo-label shards with 3 keypoints.*these clips have 5"):
+        ClassConditionalFamily(ClassConditionalConfig(**{**FAMILY, "num_keypoints": 3})).pseudo_labels(batch)
+
+
+def _stage_batches(stage):
+    g = torch.Generator().manual_seed(7)
+    if stage == "translation":
+        return [{"video": torch.rand(4, 7, 3, 64, 64, generator=g)} for _ in range(3)]
+    return [{"coords": torch.rand(4, 7, 5, 2, generator=g) * 63 + 0.5, "label": ["walk", "wave", "kick", "run"]}
+            for _ in range(3)]
+
+
+@pytest.mark.parametrize("stage", ["translation", "motion"])
+def test_each_discriminators_loss_moves_only_its_own_engines_parameters(stage, monkeypatch):
+    """The loop's two optimiser steps under ZeRO-0 (where a gradient one loss leaves in another
+    optimiser's parameters would be added silently to that optimiser's step) against plain
+    PyTorch with every gradient dropped before each optimiser's backward pass."""
+    from kpscale.train.config import load_train_config
+    from kpscale.train.engine import build_engine
+    from kpscale.train.loop import optimiser_steps
+    from test_train import _init_single_process
+
+    _init_single_process(monkeypatch, 29740 + (stage == "motion"))
+    cfg = load_train_config(None, ["model={name: class_conditional, num_keypoints: 5, filters: 8, lstm_size: 16, "
+                                   "latent_size: 4, generated: 6, pair_gap: [2, 4]}", "train.zero_stage=0",
+                                   "train.lr_schedule=constant", "train.warmup_steps=1", "train.grad_clip=0",
+                                   "train.weight_decay=0", "train.lr=0.01", "train.steps=3", "data.batch_size=4"])
+    order = ClassConditionalFamily.stages[stage == "motion"].optimisers
+    batches = _stage_batches(stage)
+    torch.manual_seed(3)
+    family = ClassConditionalFamily(cfg.model)
+    before = {k: v.clone() for k, v in family.root.state_dict().items()}
+    engines = {name: build_engine(family.optimiser(name), cfg, bf16=False, steps=3) for name in order}
+    trainable = {n: [p for p in e.module.parameters() if p.requires_grad] for n, e in engines.items()}
+    lrs = []
+    torch.manual_seed(4)
+    for step, batch in enumerate(batches):
+        lrs.append(engines[order[0]].get_lr()[0])
+        optimiser_steps(family, stage, engines, trainable, batch, step)
+    assert lrs[0] == 0 and lrs[-1] > 0  # the warm-up starts at 0
+
+    torch.manual_seed(3)
+    reference = ClassConditionalFamily(cfg.model)
+    optimisers = {name: torch.optim.Adam(reference.losses[name].parameters(), betas=(0.5, 0.999)) for name in order}
+    torch.manual_seed(4)
+    for step, (batch, lr) in enumerate(zip(batches, lrs)):
+        outputs = {}
+        for name in order:
+            reference.root.zero_grad(set_to_none=True)  # what another optimiser's loss left
+            for group in optimisers[name].param_groups:
+                group["lr"] = lr
+            outputs[name] = reference.loss(stage, name, reference.losses[name], batch, step, outputs)
+            outputs[name]["loss"].backward()
+            optimisers[name].step()
+    after, want = family.root.state_dict(), reference.root.state_dict()
+    for key in after:
+        torch.testing.assert_close(after[key], want[key], rtol=1e-4, atol=1e-6, msg=key)
+    moved = {key.split(".")[0] for key in after if not torch.equal(after[key], before[key])}
+    assert moved == ({"detector", "translator", "image_discriminator"} if stage == "translation"
+                     else {"motion_generator", "sequence_discriminator"})
+
+
+def test_predict_animates_one_image_as_the_named_action_and_refuses_an_unknown_one(tmp_path, capsys):
+    from PIL import Image
+
+    from kpscale.data.video import decode_mp4
+    from kpscale.predict import main
+    from kpscale.train.config import load_train_config
+
+    cfg = load_train_config(None, ["model={name: class_conditional, num_keypoints: 5, filters: 8, lstm_size: 16, "
+                                   "latent_size: 4, generated: 6, pair_gap: [2, 4]}"])
+    torch.manual_seed(0)
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    torch.save(ClassConditionalFamily(cfg.model).root.state_dict(), tmp_path / "weights.pt")
+    Image.fromarray((torch.rand(80, 96, 3) * 255).byte().numpy()).save(tmp_path / "frame.png")
+    args = ["--run", str(tmp_path), "--image", str(tmp_path / "frame.png"), "--future", "5", "--samples", "2"]
+    assert main([*args, "--label", "wave", "--out", str(tmp_path / "wave.mp4")]) == 0
+    video = decode_mp4(tmp_path / "wave.mp4")
+    assert video.shape[0] == 6 and video.shape[-1] == 3 * 64  # the frame, then 5 generated, input + 2 samples
+    assert main([*args, "--label", "dance", "--out", str(tmp_path / "x.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown action label(s) ['dance']" in err and "'wave'" in err
+    assert main([*args, "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "--label" in capsys.readouterr().err

@@ -239,6 +239,9 @@ def prepare(ecfg: EvaluateConfig):
     from kpscale.predict import load_trained
 
     model, cfg = load_trained(ecfg.run, ecfg.tracking_uri)
+    if not hasattr(model, "represent"):  # generates from a class, predicts no observed clip's future
+        raise ConfigError(f"{ecfg.run}: a {cfg.model.name} model is evaluated during its training (its MLflow run's "
+                          "metrics, videos and figures); kpscale.evaluate scores models that predict observed clips")
     _check_length(ecfg, cfg)
     return model, cfg
 

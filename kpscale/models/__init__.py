@@ -9,6 +9,7 @@ from pydantic import PlainValidator, SerializeAsAny
 from pydantic_core import PydanticCustomError
 
 from kpscale.config import Config
+from kpscale.models.class_conditional.family import ClassConditionalFamily
 from kpscale.models.cnn_vrnn.model import CNNVRNNFamily
 from kpscale.models.drnet.family import DrNetFamily
 from kpscale.models.family import Family
@@ -18,6 +19,7 @@ FAMILIES: dict[str, type[Family]] = {
     "struct_vrnn": StructVRNNFamily,
     "cnn_vrnn": CNNVRNNFamily,
     "drnet": DrNetFamily,
+    "class_conditional": ClassConditionalFamily,
 }
 
 

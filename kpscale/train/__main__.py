@@ -14,6 +14,8 @@ Shipped configs (model.name picks the family):
   kpscale/models/drnet/configs/moving_mnist_cpu.yaml          DrNet on Moving MNIST, CPU-sized, both stages
   kpscale/models/drnet/configs/paper_moving_mnist.yaml        DrNet, the official settings (GPU-sized)
   kpscale/models/drnet/configs/kth.yaml                       DrNet on a converted video folder (data/kth)
+  kpscale/models/class_conditional/configs/actors_cpu.yaml   Kim et al. on the articulated actors, CPU-sized, both stages
+  kpscale/models/class_conditional/configs/paper_penn_action.yaml  Kim et al., the paper's settings (GPU-sized)
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ y in [1, -1] top to bottom. Frames in [0, 1].
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
@@ -30,19 +31,29 @@ from torch import Tensor, nn
 from kpscale.config import Config
 from kpscale.models.keypoints import axis_grids, keypoints_to_maps
 
+VGG19_ENV = "KPSCALE_VGG19_WEIGHTS"
+
 
 class ClassConditionalConfig(Config):
     name: Literal["class_conditional"] = "class_conditional"  # the registry key (kpscale.models.FAMILIES)
     image_size: Literal[64, 128] = 64  # the paper: 128
     num_keypoints: int = Field(16, ge=1)  # the paper: 40 on Penn Action
     filters: int = Field(32, ge=4)  # the detector's and translator's width at full resolution; x2 per halving
+    # The detector's keypoint maps: None, the image size (official). Smaller maps (image_size / 4 or
+    # / 2) are kpscale's CPU option: their softmax concentrates in far fewer steps, at a fraction of the cost.
+    keypoint_map_size: int | None = None
     map_sigma: float = Field(1.5, gt=0)  # the Gaussian maps' deviation, in pixels of the quarter-size feature grid
     # The action classes, as the clips' labels name them; the generator's one-hot follows this order.
     classes: tuple[str, ...] = ("walk", "run", "wave", "jump", "squat", "kick")
     pair_gap: tuple[int, int] = (8, 11)  # stage 1 pairs a frame with one this many frames later (official)
     reconstruction: Literal["l1_ssim", "vgg19"] = "l1_ssim"  # vgg19: the paper's perceptual loss (weights by path)
-    vgg19_weights: str | None = None  # torchvision's vgg19 state dict; needed by reconstruction=vgg19
-    reconstruction_weight: float = Field(1.0, gt=0)  # lambda_1: the reconstruction's weight beside the adversarial term
+    vgg19_weights: str | None = None  # torchvision's vgg19 state dict for reconstruction=vgg19; None: $KPSCALE_VGG19_WEIGHTS
+    # lambda_1: the reconstruction's weight beside the adversarial term (kpscale's; the paper gives none)
+    reconstruction_weight: float = Field(10.0, gt=0)
+    # kpscale's, not the paper's (0 turns it off): Struct-VRNN's separation loss on each frame
+    # pair's keypoints, which penalises keypoints that move alike, so they spread over the limbs.
+    separation_weight: float = Field(0.0, ge=0)
+    separation_sigma: float = Field(0.1, gt=0)
     lstm_size: int = Field(256, ge=1)  # the paper: 1024
     latent_size: int = Field(64, ge=1)  # z (official 64)
     generated: int = Field(16, ge=1)  # keypoint steps the generator draws after the first frame (official 32)
@@ -57,10 +68,30 @@ class ClassConditionalConfig(Config):
             raise ValueError(f"classes {list(self.classes)} must be at least two different names")
         if not 1 <= self.pair_gap[0] <= self.pair_gap[1]:
             raise ValueError(f"pair_gap {list(self.pair_gap)} must be [low, high] with 1 <= low <= high")
-        if self.reconstruction == "vgg19" and not self.vgg19_weights:
-            raise ValueError("reconstruction=vgg19 needs model.vgg19_weights: the path of a VGG-19 state dict "
-                             "(nothing is downloaded; l1_ssim needs no weights)")
+        if self.heatmap_size not in (self.image_size // 8, self.image_size // 4, self.image_size // 2, self.image_size):
+            raise ValueError(f"keypoint_map_size {self.keypoint_map_size} must be image_size ({self.image_size}) "
+                             "divided by 1, 2, 4 or 8")
+        if self.pair_gap[1] > self.generated:
+            raise ValueError(f"pair_gap {list(self.pair_gap)} reaches beyond the {self.generated + 1} frames a "
+                             f"training window holds (1 + generated): lower it or raise generated")
+        if self.reconstruction == "vgg19" and not (self.vgg19_weights or os.environ.get(VGG19_ENV)):
+            raise ValueError(f"reconstruction=vgg19 needs model.vgg19_weights or ${VGG19_ENV}: the path of "
+                             "torchvision's VGG-19 state dict (nothing is downloaded; l1_ssim needs no weights)")
         return self
+
+    # A training window is the first frame and the frames generated after it; stage 1 pairs frames within it.
+    @property
+    def observed(self) -> int:
+        return 1
+
+    @property
+    def predicted(self) -> int:
+        return self.generated
+
+    @property
+    def heatmap_size(self) -> int:
+        """The grid whose cell centres the keypoints' [-1, 1] spans."""
+        return self.keypoint_map_size or self.image_size
 
     @property
     def num_classes(self) -> int:
@@ -97,8 +128,9 @@ def gaussian_maps(keypoints: Tensor, size: int, sigma: float) -> Tensor:
 
 
 class Detector(nn.Module):
-    """Frames [N, 3, S, S] -> keypoints [N, K, 2]: an encoder to S/8 and a decoder back to S with
-    the encoder's maps as skips, then K maps whose softmax's expectation is each keypoint."""
+    """Frames [N, 3, S, S] -> keypoints [N, K, 2]: an encoder to S/8 and a decoder back to the
+    maps' size (S, official) with the encoder's maps as skips, then K maps whose softmax's
+    expectation is each keypoint."""
 
     def __init__(self, cfg: ClassConditionalConfig):
         super().__init__()
@@ -106,9 +138,10 @@ class Detector(nn.Module):
         widths = [f, 2 * f, 4 * f, 8 * f]
         self.stem = _conv(3, widths[0])
         self.down = nn.ModuleList(_conv(a, b, stride=2) for a, b in zip(widths, widths[1:]))
-        # Each step up halves the width and joins the encoder's map of its size.
-        self.up = nn.ModuleList([_up(8 * f, 4 * f), _up(8 * f, 2 * f), _up(4 * f, f)])
-        self.heads = nn.Conv2d(2 * f, cfg.num_keypoints, 1)
+        # Each step up halves the width and joins the encoder's map of its size, up to the maps' size.
+        steps = (cfg.heatmap_size // (cfg.image_size // 8)).bit_length() - 1
+        self.up = nn.ModuleList([_up(8 * f, 4 * f), _up(8 * f, 2 * f), _up(4 * f, f)][:steps])
+        self.heads = nn.Conv2d([8 * f, 8 * f, 4 * f, 2 * f][steps], cfg.num_keypoints, 1)
 
     def forward(self, frames: Tensor) -> Tensor:
         skips = [self.stem(frames)]
@@ -116,7 +149,7 @@ class Detector(nn.Module):
             skips.append(block(skips[-1]))
         h = skips.pop()
         for block in self.up:
-            h = torch.cat([block(h), skips.pop()], 1)
+            h = torch.cat([block(h), skips.pop()], 1)  # the skips above the maps' size stay unused
         return soft_argmax(self.heads(h))
 
 
@@ -221,6 +254,25 @@ class ClassConditional(nn.Module):
         self.image_discriminator = PatchDiscriminator(cfg)
         self.motion_generator = MotionGenerator(cfg)
         self.sequence_discriminator = SequenceDiscriminator(cfg)
+
+    def keypoints(self, states: Tensor) -> Tensor:
+        """Keypoint states [..., K * 2] -> [..., K, 3], every keypoint present (kpscale.predict draws them)."""
+        xy = states.unflatten(-1, (self.cfg.num_keypoints, 2))
+        return torch.cat([xy, torch.ones_like(xy[..., :1])], -1)
+
+    @torch.no_grad()
+    def sample_future(self, video: Tensor, future: int, num_samples: int, observed: int | None = None,
+                      offsets: Tensor | None = None, label: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The predictor interface of kpscale.predict: each clip's first frame [B, T >= 1, 3, S, S]
+        animated as class `label` [B], `num_samples` times (a z each): (keypoint states
+        [B, N, 1 + future, K * 2], frames [B, N, 1 + future, 3, S, S])."""
+        if label is None:
+            raise ValueError(f"a class-conditional model needs the action to generate, one of {list(self.cfg.classes)}")
+        if observed not in (None, 1) or offsets is not None:
+            raise ValueError("a class-conditional model starts from one frame (observed 1) and moves no keypoints")
+        first = video[:, 0].repeat_interleave(num_samples, 0)
+        frames, keypoints = self.generate(first, label.repeat_interleave(num_samples, 0), future)
+        return keypoints.flatten(-2).unflatten(0, (len(video), num_samples)), frames.unflatten(0, (len(video), num_samples))
 
     @torch.no_grad()
     def generate(self, first_frame: Tensor, label: Tensor, steps: int | None = None,

@@ -1,0 +1,120 @@
+"""Kim et al.'s evaluation during training, on held-out clips.
+
+Stage 1 (the detector and translator): the tracking error of the keypoints against the clips'
+joints, the metric of Struct-VRNN (a linear map from keypoints to joints fitted on training
+clips, its error in pixels on test clips beside the null model's), and the PSNR of each frame
+translated from the clip's first frame at that frame's keypoints. Stage 2 (the motion generator)
+adds the paper's headline metric: each test clip's first frame is animated once per action class,
+and a classifier trained on real training clips (kpscale.evaluate.action_recognition) says which
+action it sees; its accuracy on real test clips is the ceiling to read it against. Diversity:
+the mean pairwise distance in pixels between keypoint sequences drawn with different z.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+
+from kpscale.evaluate import tracking_error
+from kpscale.evaluate.frames import psnr_per_step
+from kpscale.evaluate.media import panel, to_rgb
+from kpscale.evaluate.snapshot import fixed_batches
+from kpscale.models.class_conditional.family import keypoints_to_pixels
+
+DIVERSITY_SAMPLES = 3  # z per first frame for the diversity metric
+
+
+def _with_presence(keypoints: torch.Tensor) -> torch.Tensor:
+    """[..., K, 2] -> [..., K, 3]: every keypoint present, for the drawing helpers."""
+    return torch.cat([keypoints, torch.ones_like(keypoints[..., :1])], -1)
+
+
+def _keypoint_states(net, video: torch.Tensor) -> torch.Tensor:
+    """Clips [B, T, 3, S, S] -> keypoints [B, T, K, 2]."""
+    return net.detector(video.flatten(0, 1)).float().unflatten(0, video.shape[:2])
+
+
+def _grid(videos: torch.Tensor, gap: int = 2) -> np.ndarray:
+    """Clips [R, C, T, 3, H, W] -> frames [T, R * (H + gap), C * (W + gap), 3] uint8, a row per class."""
+    r, c, t, _, h, w = videos.shape
+    out = np.full((t, r * (h + gap), c * (w + gap), 3), 255, np.uint8)
+    for i, j in itertools.product(range(r), range(c)):
+        out[:, i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = to_rgb(videos[i, j])
+    return out
+
+
+@torch.no_grad()
+def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, clips: int):
+    """(metrics, video, confusion matrix [C, C] or None); on every rank (a ZeRO-3 forward pass
+    needs them all)."""
+    was_training = net.training
+    net.eval()
+    mcfg, test = cfg.model, cfg.data.test or cfg.data.train
+    states, joints = [], []
+    for batch in fixed_batches(cfg.data.train, cfg.data, cfg.window, clips):
+        states.append(_keypoint_states(net, batch["video"].to(device, dtype)).flatten(2).flatten(0, 1))
+        joints.append(batch["coords"].flatten(0, 1).to(device))
+    weights = tracking_error.fit(torch.cat(states), torch.cat(joints))
+    errors, positions, psnr, video, firsts = [], [], [], None, []
+    for batch in fixed_batches(test, cfg.data, cfg.window, clips):
+        clip = batch["video"].to(device, dtype)
+        keypoints = _keypoint_states(net, clip)
+        coords = batch["coords"].to(device)
+        errors.append(tracking_error.per_step_errors(weights, keypoints.flatten(2), coords).mean(1))
+        positions.append(coords)
+        first = clip[:, :1].expand_as(clip).flatten(0, 1)
+        translated = net.translator(first, keypoints[:, :1].expand_as(keypoints).flatten(0, 1),
+                                    keypoints.flatten(0, 1))[0].unflatten(0, clip.shape[:2]).float()
+        psnr.append(psnr_per_step(translated[:, 1:], clip[:, 1:].float()).mean(1))
+        firsts.append(clip[:, 0])
+        if video is None:  # the clip, its keypoints, and each frame translated from the first
+            video = panel(batch["video"][0], None, translated[0].cpu(), 1, _with_presence(keypoints[0].cpu()),
+                          mcfg.heatmap_size)
+    metrics = {"tracking_error": torch.cat(errors).mean().item(),
+               "tracking_error_null": tracking_error.null_error(torch.cat(joints).cpu(), torch.cat(positions).cpu()),
+               "psnr_translation": torch.cat(psnr).mean().item()}
+    matrix = None
+    if motion:
+        generated, matrix, real = _recognition(net, cfg, torch.cat(firsts), device)
+        metrics.update({"recognition_accuracy": matrix.diag().sum().item() / matrix.sum().item(),
+                        "recognition_accuracy_real": real,
+                        "diversity_px": _diversity(net, torch.cat(firsts)[:16], mcfg)})
+        video = _grid(generated[:, :4].cpu())
+    net.train(was_training)
+    return metrics, video, matrix
+
+
+def _recognition(net, cfg, firsts: torch.Tensor, device: torch.device):
+    """Generated clips [C, N, T, 3, S, S] (each first frame animated as each class), the action
+    classifier's confusion matrix on them, and its accuracy on real test clips."""
+    from kpscale.evaluate import action_recognition
+
+    mcfg = cfg.model
+    classifier = action_recognition.load_or_train(cfg.data.train, mcfg.classes, cfg.window).to(device)
+    per_class = max(1, len(firsts) // mcfg.num_classes)
+    firsts = firsts[:per_class]
+    generator = torch.Generator().manual_seed(0)  # the same z at every evaluation
+    generated = torch.stack([net.generate(firsts, torch.full((len(firsts),), c, device=device),
+                                          generator=generator)[0].float()
+                             for c in range(mcfg.num_classes)])
+    recognised = action_recognition.predict(classifier, generated.flatten(0, 1))
+    requested = torch.arange(mcfg.num_classes).repeat_interleave(len(firsts))
+    matrix = action_recognition.confusion_matrix(recognised.cpu(), requested, mcfg.num_classes)
+    _, real = action_recognition.evaluate_real(classifier, cfg.data.test or cfg.data.train, cfg.window,
+                                               limit=cfg.train.eval_clips)
+    return generated, matrix, real
+
+
+def _diversity(net, firsts: torch.Tensor, mcfg) -> float:
+    """Mean pairwise distance in pixels, over keypoints and steps, between the keypoint sequences
+    of DIVERSITY_SAMPLES draws of z for the same first frame and class."""
+    generator = torch.Generator().manual_seed(1)
+    first = net.detector(firsts)
+    label = torch.arange(len(firsts), device=firsts.device) % mcfg.num_classes
+    draws = torch.stack([net.motion_generator.sample(first, label, mcfg.generated, generator)
+                         for _ in range(DIVERSITY_SAMPLES)])
+    pixels = keypoints_to_pixels(draws.float(), mcfg.heatmap_size, mcfg.image_size)
+    pairs = [(pixels[i] - pixels[j]).norm(dim=-1).mean() for i, j in itertools.combinations(range(len(pixels)), 2)]
+    return torch.stack(pairs).mean().item()
