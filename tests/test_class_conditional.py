@@ -275,3 +275,21 @@ def test_predict_animates_one_image_as_the_named_action_and_refuses_an_unknown_o
     assert "unknown action label(s) ['dance']" in err and "'wave'" in err
     assert main([*args, "--out", str(tmp_path / "x.mp4")]) == 2
     assert "--label" in capsys.readouterr().err
+
+
+def test_the_separation_term_is_opt_in_and_reaches_the_detector():
+    from kpscale.models.struct_vrnn.model import separation_loss
+
+    torch.manual_seed(0)
+    frames = torch.rand(4, 7, 3, 64, 64)
+    plain = ClassConditionalFamily(ClassConditionalConfig(**FAMILY))
+    assert "separation" not in plain.losses["main"](frames[:, 0], frames[:, 3])["terms"]
+    family = ClassConditionalFamily(ClassConditionalConfig(**FAMILY, separation_weight=10.0))
+    out = family.losses["main"](frames[:, 0], frames[:, 3])
+    reference, target = family.root.detector(torch.cat([frames[:, 0], frames[:, 3]])).chunk(2)
+    want = separation_loss(torch.stack([reference, target], 1), 0.1)
+    assert out["terms"]["separation"].item() == pytest.approx(want.item(), rel=1e-5) and want.item() > 0
+    grads = torch.autograd.grad(out["terms"]["separation"], list(family.root.detector.parameters()), allow_unused=True)
+    assert sum(g.abs().sum() for g in grads if g is not None) > 0
+    torch.testing.assert_close(out["loss"], 10 * out["terms"]["reconstruction"] + out["terms"]["adversarial"]
+                               + 10 * out["terms"]["separation"])
