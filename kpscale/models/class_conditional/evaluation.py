@@ -92,7 +92,8 @@ def _recognition(net, cfg, firsts: torch.Tensor, device: torch.device):
     from kpscale.evaluate import action_recognition
 
     mcfg = cfg.model
-    classifier = action_recognition.load_or_train(cfg.data.train, mcfg.classes, cfg.window).to(device)
+    # No progress bar in a training worker: its carriage returns become lines of the job's log.
+    classifier = action_recognition.load_or_train(cfg.data.train, mcfg.classes, cfg.window, progress=False).to(device)
     per_class = max(1, len(firsts) // mcfg.num_classes)
     firsts = firsts[:per_class]
     generator = torch.Generator().manual_seed(0)  # the same z at every evaluation
