@@ -302,7 +302,7 @@ def test_config_rejects_bad_values(override, word):
 
 
 def test_registry_builds_the_model_its_config_names():
-    assert set(FAMILIES) == {"struct_vrnn", "cnn_vrnn", "drnet"}
+    assert set(FAMILIES) == {"struct_vrnn", "cnn_vrnn", "drnet", "class_conditional"}
     model = build_family(validate(StructVRNNConfig, {**TINY, "image_size": 128})).root
     assert isinstance(model, StructVRNN) and model.cfg.image_size == 128
     with pytest.raises(ConfigError, match="name"):

@@ -172,6 +172,7 @@ class ClassConditionalFamily(Family):
         self.losses = {"main": TranslationLoss(self.root), "image_discriminator": ImageDiscriminatorLoss(self.root),
                        "generator": MotionLoss(self.root),
                        "sequence_discriminator": SequenceDiscriminatorLoss(self.root)}
+        self.confusion = None  # the last evaluation's confusion matrix, from the motion stage on
 
     def optimiser(self, name: str) -> Optimiser:
         return Optimiser(self.losses[name], betas=(self.cfg.adam_beta1, 0.999))
@@ -217,7 +218,7 @@ class ClassConditionalFamily(Family):
         return metrics, video
 
     def figures(self, folder: str) -> list[Path]:
-        if getattr(self, "confusion", None) is None:
+        if self.confusion is None:
             return []
         from kpscale.evaluate.action_recognition import confusion_plot
 
