@@ -82,7 +82,8 @@ def train_loop(config: dict) -> None:
                     if not any(id(p) in engine_params for p in module.parameters())}
             source = cfg.data.train
             if stage.derived:
-                source = _derived_data(family, stage, cfg, config["storage"], ends[index - 1] if index else 0,
+                source = _derived_data(family, stage, frozen, cfg, config["storage"],
+                                       ends[index - 1] if index else 0,
                                        rank, world)
             loader = ClipLoader(source, cfg.data.model_copy(update={"frames": stage.frames}), window=cfg.window,
                                 rank=rank, world_size=world)
@@ -154,15 +155,18 @@ def train_loop(config: dict) -> None:
         mlflow.end_run()
 
 
-def _derived_data(family, stage, cfg: TrainConfig, storage: str, step: int, rank: int, world: int) -> str:
-    """The stage's derived shard set (Stage.derived) in the run's storage, written by the model
-    as it is at the stage's start, or reused when that model already wrote it. Collective."""
+def _derived_data(family, stage, frozen: dict, cfg: TrainConfig, storage: str, step: int, rank: int,
+                  world: int) -> str:
+    """The stage's derived shard set (Stage.derived) in the run's storage, written by the stage's
+    frozen modules, or reused when the same modules wrote it. Collective. Only the frozen modules
+    are hashed: the trained ones are freshly drawn here, and drawn differently when a run resumes."""
     import hashlib
 
     from kpscale.data.derived import derive_shards
 
     digest = hashlib.sha256()
-    for name, value in sorted(family.root.state_dict().items()):
+    states = {f"{name}.{k}": v for name, module in frozen.items() for k, v in module.state_dict().items()}
+    for name, value in sorted(states.items()):
         digest.update(name.encode())
         digest.update(value.detach().float().cpu().numpy().tobytes())
     provenance = {"name": stage.derived, "model": cfg.model.name, "stage": stage.name, "step": step,
