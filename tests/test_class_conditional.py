@@ -3,14 +3,17 @@ its maps' expected coordinates, the translator draws only where its mask lets it
 motion generator's sequences follow the class and z it is given."""
 
 import json
+import logging
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
 
 from kpscale.models.class_conditional.family import (ClassConditionalFamily, frame_pairs, keypoints_from_pixels,
                                                      keypoints_to_pixels)
+from kpscale.evaluate.snapshot import fixed_batches
 from kpscale.models.class_conditional.model import ClassConditional, ClassConditionalConfig, soft_argmax
 from kpscale.models.keypoints import coordinate_grid
 
@@ -293,3 +296,105 @@ def test_the_separation_term_is_opt_in_and_reaches_the_detector():
     assert sum(g.abs().sum() for g in grads if g is not None) > 0
     torch.testing.assert_close(out["loss"], 10 * out["terms"]["reconstruction"] + out["terms"]["adversarial"]
                                + 10 * out["terms"]["separation"])
+
+
+def test_the_motion_term_weighs_the_pixels_that_moved_and_is_opt_in():
+    from kpscale.models.class_conditional.family import motion_l1
+
+    reference = torch.zeros(1, 3, 64, 64)
+    target = reference.clone()
+    target[..., 10:14, 20:24] = 1.0  # a 4x4 limb moved in: 16 of 4096 pixels
+    # Copying the reference costs as much as a frame wrong everywhere (plain L1: 16 / 4096 of that).
+    assert motion_l1(reference, target, reference).item() == pytest.approx(1.0)
+    assert motion_l1(target, target, reference).item() == 0
+    elsewhere = target.clone()
+    elsewhere[..., 40:, 40:] = 0.5  # wrong only where nothing moved: free for this term
+    assert motion_l1(elsewhere, target, reference).item() == 0
+    torch.manual_seed(0)
+    frames = torch.rand(4, 7, 3, 64, 64)
+    assert "motion" not in ClassConditionalFamily(ClassConditionalConfig(**FAMILY)).losses["main"](
+        frames[:, 0], frames[:, 3])["terms"]
+    out = ClassConditionalFamily(ClassConditionalConfig(**FAMILY, motion_weight=5.0)).losses["main"](
+        frames[:, 0], frames[:, 3])
+    torch.testing.assert_close(out["loss"], 10 * out["terms"]["reconstruction"] + out["terms"]["adversarial"]
+                               + 5 * out["terms"]["motion"])
+
+
+def test_evaluation_recognises_each_class_of_generated_videos_and_draws_the_figures(tiny_actors, tmp_path,
+                                                                                     monkeypatch):
+    """The motion stage's evaluation on held-out clips: every first frame animated as every class
+    and judged (the confusion matrix counts them all), the judge's accuracy on real clips beside
+    it, the tracking error beside its null model, and the figures: the confusion matrix, and the
+    diversity grid whose rows each start with their first frame."""
+    from PIL import Image
+
+    from kpscale.evaluate.media import to_rgb
+    from kpscale.models.class_conditional import evaluation
+    from kpscale.train.config import load_train_config
+
+    monkeypatch.setenv("KPSCALE_CACHE", str(tmp_path / "cache"))  # the judge trains once, here
+    # A judge of a few steps: this is the evaluation's wiring (the judge's own tests train it properly).
+    monkeypatch.setattr(evaluation, "JUDGE", {"steps": 5, "batch_size": 8})
+    cfg = load_train_config(None, [
+        "model={name: class_conditional, num_keypoints: 5, filters: 8, lstm_size: 16, latent_size: 4, "
+        "generated: 8, pair_gap: [2, 4]}", f"data.train={tiny_actors / 'train'}",
+        f"data.test={tiny_actors / 'test'}", "data.batch_size=6", "data.num_workers=0", "train.eval_clips=6"])
+    torch.manual_seed(0)
+    family = ClassConditionalFamily(cfg.model)
+    assert family.figures(str(tmp_path)) == []  # nothing evaluated yet
+    metrics, video = family.evaluate(cfg, "translation", torch.device("cpu"), torch.float32)
+    assert set(metrics) == {"tracking_error", "tracking_error_null", "psnr_translation"}
+    assert 0 < metrics["tracking_error"] and 0 < metrics["tracking_error_null"]
+    metrics, video = family.evaluate(cfg, "motion", torch.device("cpu"), torch.float32)
+    assert 0 <= metrics["recognition_accuracy"] <= 1 and 0 <= metrics["recognition_accuracy_real"] <= 1
+    confusion = family.evaluated["confusion"]
+    assert confusion.shape == (6, 6) and confusion.sum(1).tolist() == [1] * 6  # 6 first frames // 6 classes
+    assert metrics["recognition_accuracy"] == confusion.diag().sum().item() / 6
+    assert metrics["diversity_px"] > 0  # an untrained generator's draws differ with z
+    assert video.shape == (9, 6 * 66, 1 * 66, 3)  # a row per class, a column per first frame, 1 + 8 frames
+    paths = family.figures(str(tmp_path))
+    assert [p.name for p in paths] == ["recognition_confusion.png", "diversity.png"]
+    grid = np.asarray(Image.open(paths[1]))
+    rows = evaluation.DIVERSITY_FIGURE_CLIPS * evaluation.DIVERSITY_SAMPLES
+    assert grid.shape == (rows * 66, (1 + evaluation.DIVERSITY_FIGURE_STEPS) * 66, 3)
+    firsts = torch.cat([b["video"][:, 0] for b in fixed_batches(str(tiny_actors / "test"), cfg.data, cfg.window, 6)])
+    for row in range(rows):  # each z's row starts with its first frame
+        np.testing.assert_array_equal(grid[row * 66:row * 66 + 64, :64],
+                                      to_rgb(firsts[row // evaluation.DIVERSITY_SAMPLES][None])[0])
+
+
+def test_fvd_per_class_compares_each_class_with_its_real_clips():
+    from kpscale.evaluate.fvd import fvd
+    from kpscale.models.class_conditional.evaluation import fvd_per_class
+
+    torch.manual_seed(0)
+    classes = ("walk", "wave", "jump")
+    labels = torch.tensor([0, 1, 2] * 8 + [2])  # 8, 8 and 9 real clips
+    real = torch.randn(25, 16, dtype=torch.float64) + labels[:, None] * 3.0  # each class apart
+    own = torch.stack([real[labels == c][:8] for c in range(3)])  # "generated": each class's own real clips
+    same = fvd_per_class(real, labels, own, classes)
+    assert same["fvd/walk"] == pytest.approx(0, abs=1e-6) and same["fvd/wave"] == pytest.approx(0, abs=1e-6)
+    assert same["fvd/jump"] == pytest.approx(fvd(real[labels == 2], own[2]))  # 8 of its 9 clips: near, not 0
+    assert same["fvd"] == pytest.approx(sum(same[f"fvd/{c}"] for c in classes) / 3)
+    swapped = fvd_per_class(real, labels, own.roll(1, 0), classes)  # each class given another's clips
+    assert all(swapped[f"fvd/{c}"] > 10 * max(same.values()) for c in classes), (same, swapped)
+    assert set(fvd_per_class(real, labels.clamp(max=1), own, classes)) == {"fvd", "fvd/walk", "fvd/wave"}
+
+
+def test_fvd_per_class_is_said_unavailable_once_without_i3d_weights(tiny_actors, monkeypatch, caplog):
+    from kpscale.evaluate.i3d import ENV_VAR
+    from kpscale.models.class_conditional import evaluation
+    from kpscale.train.config import load_train_config
+
+    cfg = load_train_config(None, ["model={name: class_conditional, generated: 8, pair_gap: [2, 4]}"])
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr(evaluation, "_SAID", set())  # as in a fresh process
+    caplog.set_level(logging.WARNING, logger=evaluation.__name__)
+    for _ in range(2):
+        assert evaluation._fvd_per_class(cfg, torch.zeros(6, 1, 9, 3, 64, 64), str(tiny_actors / "test"),
+                                         torch.arange(6), torch.device("cpu")) == {}
+    assert caplog.text.count("FVD is unavailable: no weights given") == 1 and "(train.i3d)" in caplog.text
+    cfg.train.i3d = "/nonexistent/i3d.pt"
+    assert evaluation._fvd_per_class(cfg, torch.zeros(6, 1, 9, 3, 64, 64), str(tiny_actors / "test"),
+                                     torch.arange(6), torch.device("cpu")) == {}
+    assert "weights file /nonexistent/i3d.pt not found" in caplog.text

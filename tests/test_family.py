@@ -215,9 +215,9 @@ def test_a_toy_family_trains_checkpoints_and_resumes_at_a_stage_boundary_through
         tmp_path, monkeypatch, toy_registered, basketball):
     """Stage 1 alone in one run; the same run then continues with stage 2 from its checkpoint at
     stage 1's end: the generator stays as stage 1 left it (frozen) and derives stage 2's shards,
-    the head trains on them, the curves
-    run on across both invocations, and each invocation that reached its last step logged the
-    model. (That resuming is exact is the test above, per ZeRO stage.)"""
+    the head trains on them; a third invocation with a longer stage 2 resumes inside it and reuses
+    the derived shards. The curves run on across the invocations, and each invocation that reached
+    its last step logged the model. (That resuming is exact is the test above, per ZeRO stage.)"""
     from kpscale.train.launch import fit
 
     monkeypatch.chdir(tmp_path)
@@ -234,6 +234,12 @@ def test_a_toy_family_trains_checkpoints_and_resumes_at_a_stage_boundary_through
                     if "mlflow.parentRunId" not in r.data.tags]
         after_stage_1 = torch.load(model_folder(first, uri) / "weights.pt", weights_only=True)
         fit(_config(tmp_path, *common, stages, "train.steps=6"))  # the same run_name: resumes
+        derived = tmp_path / "runs" / "struct_vrnn-basketball" / "toy_labels"
+        written = {p.name: p.stat().st_mtime_ns for p in derived.iterdir()}
+        after_stage_2 = torch.load(model_folder(first, uri) / "weights.pt", weights_only=True)
+        # Longer: resumes inside the head stage, from its checkpoint at step 6, on the same derived shards.
+        longer = "train.stages=[{name: adversarial, steps: 3}, {name: head, steps: 5}]"
+        fit(_config(tmp_path, *common, longer, "train.steps=8"))
     finally:
         ray.shutdown()
     runs = client.search_runs([client.get_experiment_by_name("kpscale").experiment_id])
@@ -243,13 +249,14 @@ def test_a_toy_family_trains_checkpoints_and_resumes_at_a_stage_boundary_through
     stages = {r.data.tags["kpscale_stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id}
     assert sorted(stages) == ["adversarial", "head"] and stages["head"].data.params["first_step"] == "4"
     assert [x.step for x in client.get_metric_history(stages["adversarial"].info.run_id, "train/critic/loss")] == [2, 3]
-    assert [x.step for x in client.get_metric_history(stages["head"].info.run_id, "head_output")] == [6]
+    assert [x.step for x in client.get_metric_history(stages["head"].info.run_id, "head_output")] == [6, 8]
     assert "train/critic/loss" not in stages["head"].data.metrics
-    assert [f.path for f in client.list_artifacts(stages["head"].info.run_id, "videos")] == ["videos/step-0000006.gif"]
+    assert [f.path for f in client.list_artifacts(stages["head"].info.run_id, "videos")] == [
+        "videos/step-0000006.gif", "videos/step-0000008.gif"]
     history = {m: [x.step for x in client.get_metric_history(run.info.run_id, m)]
                for m in ("train/generator/loss", "train/critic/loss", "train/lr/generator", "train/loss", "head_output")}
     assert history["train/generator/loss"] == history["train/critic/loss"] == history["train/lr/generator"] == [2, 3]
-    assert history["train/loss"] == [4, 6] and history["head_output"] == [3, 6]
+    assert history["train/loss"] == [4, 6, 8] and history["head_output"] == [3, 6, 8]
     # The run's one model, the latest: logged after stage 1, replaced after both (checked below).
     logged = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
     assert [m.name for m in logged] == ["model"]
@@ -262,9 +269,11 @@ def test_a_toy_family_trains_checkpoints_and_resumes_at_a_stage_boundary_through
     for key in (k for k in after_stage_1 if k.startswith("generator.")):
         torch.testing.assert_close(weights[key], after_stage_1[key], rtol=0, atol=0, msg=key)
     assert not torch.equal(weights["head.weight"], after_stage_1["head.weight"])
+    assert not torch.equal(weights["head.weight"], after_stage_2["head.weight"])  # steps 7-8 trained it on
     assert torch.equal(weights["critic.weight"], after_stage_1["critic.weight"])  # no optimiser in stage 2
-    # Stage 2 read the shards stage 1's generator derived, written in the run's storage with their provenance.
-    derived = tmp_path / "runs" / "struct_vrnn-basketball" / "toy_labels"
+    # Stage 2 read the shards stage 1's generator derived, written in the run's storage with their
+    # provenance; the resume inside stage 2 read them again, untouched.
+    assert {p.name: p.stat().st_mtime_ns for p in derived.iterdir()} == written
     provenance = json.loads((derived / "provenance.json").read_text())
     assert provenance["stage"] == "head" and provenance["step"] == 3 and provenance["source"] == str(basketball / "train")
     rows = read_manifest(derived / "manifest.parquet").to_pylist()

@@ -46,6 +46,9 @@ class TrainSection(Config):
     log_every: int = Field(25, ge=1)
     eval_every: int = Field(400, ge=1)  # tracking errors and a sample video; also at the end
     eval_clips: int = Field(128, ge=1)  # held-out clips per evaluation (as many again to fit)
+    # i3d_pretrained_400.pt for the families whose evaluation reports FVD during training
+    # (class_conditional, per class); None: $KPSCALE_I3D_WEIGHTS, else no FVD, said once.
+    i3d: str | None = None
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)  # worker failures survived by restarting from a checkpoint

@@ -7,12 +7,16 @@ translated from the clip's first frame at that frame's keypoints. Stage 2 (the m
 adds the paper's headline metric: each test clip's first frame is animated once per action class,
 and a classifier trained on real training clips (kpscale.evaluate.action_recognition) says which
 action it sees; its accuracy on real test clips is the ceiling to read it against. Diversity:
-the mean pairwise distance in pixels between keypoint sequences drawn with different z.
+the mean pairwise distance in pixels between keypoint sequences drawn with different z, and a
+figure of them. FVD per class (generated clips of a class against the real test clips of that
+class), where I3D weights are given: with tens of clips per class it compares runs evaluated on
+the same clips, not papers.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 
 import numpy as np
 import torch
@@ -23,7 +27,15 @@ from kpscale.evaluate.media import panel, to_rgb
 from kpscale.evaluate.snapshot import fixed_batches
 from kpscale.models.class_conditional.family import keypoints_to_pixels
 
-DIVERSITY_SAMPLES = 3  # z per first frame for the diversity metric
+log = logging.getLogger(__name__)
+_SAID: set[str] = set()  # warnings given once per process
+
+# The judge's training settings beyond action_recognition.train_classifier's defaults: none, so
+# every run on the same data shares one cached judge.
+JUDGE: dict = {}
+DIVERSITY_SAMPLES = 3  # z per first frame for the diversity metric and figure
+DIVERSITY_FIGURE_CLIPS = 4  # first frames in the diversity figure
+DIVERSITY_FIGURE_STEPS = 5  # frames shown per generated clip, evenly from the first to the last
 
 
 def _with_presence(keypoints: torch.Tensor) -> torch.Tensor:
@@ -57,8 +69,9 @@ def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, c
         states.append(_keypoint_states(net, batch["video"].to(device, dtype)).flatten(2).flatten(0, 1))
         joints.append(batch["coords"].flatten(0, 1).to(device))
     weights = tracking_error.fit(torch.cat(states), torch.cat(joints))
-    errors, positions, psnr, video, firsts = [], [], [], None, []
+    errors, positions, psnr, video, firsts, labels = [], [], [], None, [], []
     for batch in fixed_batches(test, cfg.data, cfg.window, clips):
+        labels += batch["label"]
         clip = batch["video"].to(device, dtype)
         keypoints = _keypoint_states(net, clip)
         coords = batch["coords"].to(device)
@@ -75,15 +88,17 @@ def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, c
     metrics = {"tracking_error": torch.cat(errors).mean().item(),
                "tracking_error_null": tracking_error.null_error(torch.cat(joints).cpu(), torch.cat(positions).cpu()),
                "psnr_translation": torch.cat(psnr).mean().item()}
-    matrix = None
+    figures = {}
     if motion:
         generated, matrix, real = _recognition(net, cfg, torch.cat(firsts), device)
+        diversity, figures["diversity"] = _diversity(net, torch.cat(firsts)[:16], mcfg)
+        figures["confusion"] = matrix
         metrics.update({"recognition_accuracy": matrix.diag().sum().item() / matrix.sum().item(),
-                        "recognition_accuracy_real": real,
-                        "diversity_px": _diversity(net, torch.cat(firsts)[:16], mcfg)})
+                        "recognition_accuracy_real": real, "diversity_px": diversity})
         video = _grid(generated[:, :4].cpu())
+        metrics.update(_fvd_per_class(cfg, generated, test, mcfg.class_index(labels), device))
     net.train(was_training)
-    return metrics, video, matrix
+    return metrics, video, figures
 
 
 def _recognition(net, cfg, firsts: torch.Tensor, device: torch.device):
@@ -93,7 +108,8 @@ def _recognition(net, cfg, firsts: torch.Tensor, device: torch.device):
 
     mcfg = cfg.model
     # No progress bar in a training worker: its carriage returns become lines of the job's log.
-    classifier = action_recognition.load_or_train(cfg.data.train, mcfg.classes, cfg.window, progress=False).to(device)
+    classifier = action_recognition.load_or_train(cfg.data.train, mcfg.classes, cfg.window, progress=False,
+                                                  **JUDGE).to(device)
     per_class = max(1, len(firsts) // mcfg.num_classes)
     firsts = firsts[:per_class]
     generator = torch.Generator().manual_seed(0)  # the same z at every evaluation
@@ -108,9 +124,42 @@ def _recognition(net, cfg, firsts: torch.Tensor, device: torch.device):
     return generated, matrix, real
 
 
-def _diversity(net, firsts: torch.Tensor, mcfg) -> float:
-    """Mean pairwise distance in pixels, over keypoints and steps, between the keypoint sequences
-    of DIVERSITY_SAMPLES draws of z for the same first frame and class."""
+def _fvd_per_class(cfg, generated: torch.Tensor, test: str, labels: torch.Tensor, device) -> dict[str, float]:
+    """FVD per class of the generated clips [C, N, T, 3, S, S] against the real test clips
+    (`labels` of the first len(labels) clips of `test`); none without I3D weights (said once)."""
+    from kpscale.evaluate.fvd import FVD
+    from kpscale.evaluate.i3d import load_i3d
+    from kpscale.evaluate.weights import WeightsUnavailable
+
+    try:
+        i3d = FVD(load_i3d(cfg.train.i3d), device)
+    except WeightsUnavailable as exc:
+        if str(exc) not in _SAID:
+            _SAID.add(str(exc))
+            log.warning("%s (train.i3d)", exc)
+        return {}
+    real = torch.cat([i3d.features(b["video"]) for b in fixed_batches(test, cfg.data, cfg.window, len(labels))])
+    fake = torch.stack([i3d.features(clips) for clips in generated])
+    return fvd_per_class(real, labels, fake, cfg.model.classes)
+
+
+def fvd_per_class(real: torch.Tensor, labels: torch.Tensor, generated: torch.Tensor, classes) -> dict[str, float]:
+    """fvd/CLASS: the Frechet distance between the I3D features of the generated clips of each
+    class [C, N, D] and those of the real clips of that class ([M, D], `labels` [M]); fvd: their
+    mean. A class with fewer than two real clips has no Gaussian to compare with, and no FVD."""
+    from kpscale.evaluate.fvd import fvd
+
+    out = {f"fvd/{name}": fvd(real[labels == c], generated[c])
+           for c, name in enumerate(classes) if (labels == c).sum() > 1}
+    if out:
+        out["fvd"] = sum(out.values()) / len(out)
+    return out
+
+
+def _diversity(net, firsts: torch.Tensor, mcfg) -> tuple[float, np.ndarray]:
+    """The mean pairwise distance in pixels, over keypoints and steps, between the keypoint
+    sequences of DIVERSITY_SAMPLES draws of z for the same first frame and class; and the figure:
+    for each of the first DIVERSITY_FIGURE_CLIPS first frames a row per z, frames left to right."""
     generator = torch.Generator().manual_seed(1)
     first = net.detector(firsts)
     label = torch.arange(len(firsts), device=firsts.device) % mcfg.num_classes
@@ -118,4 +167,10 @@ def _diversity(net, firsts: torch.Tensor, mcfg) -> float:
                          for _ in range(DIVERSITY_SAMPLES)])
     pixels = keypoints_to_pixels(draws.float(), mcfg.heatmap_size, mcfg.image_size)
     pairs = [(pixels[i] - pixels[j]).norm(dim=-1).mean() for i, j in itertools.combinations(range(len(pixels)), 2)]
-    return torch.stack(pairs).mean().item()
+    n = min(DIVERSITY_FIGURE_CLIPS, len(firsts))
+    steps = torch.linspace(0, mcfg.generated - 1, DIVERSITY_FIGURE_STEPS).round().long()
+    rows = [torch.stack([net.translator(firsts[i:i + 1], first[i:i + 1], draws[z, i:i + 1, t])[0][0].float()
+                         for t in steps.tolist()]) for i in range(n) for z in range(DIVERSITY_SAMPLES)]
+    figure = _grid(torch.cat([firsts[:n].float().repeat_interleave(DIVERSITY_SAMPLES, 0)[:, None],
+                              torch.stack(rows)], 1)[:, :, None].cpu())[0]
+    return torch.stack(pairs).mean().item(), figure

@@ -61,6 +61,14 @@ def load_vgg19(path: str) -> VGG:
     return load_state_dict_strict(VGG(VGG19_LAYERS), path, prefix="features.").eval().requires_grad_(False)
 
 
+def motion_l1(output: Tensor, target: Tensor, reference: Tensor) -> Tensor:
+    """L1 between output and target, each pixel weighted by how much the target differs there from
+    the reference (weights of mean 1 per frame): kpscale's term for the pixels that moved."""
+    difference = (target - reference).abs().float().mean(1, keepdim=True)
+    weights = difference / difference.mean((2, 3), keepdim=True).clamp_min(1e-6)
+    return (weights * (output.float() - target.float()).abs()).mean()
+
+
 class Reconstruction(nn.Module):
     """The translation's reconstruction loss: the paper's VGG-19 perceptual loss (mean L1 of the
     five blocks' last ReLU outputs, conv1_2 .. conv5_4), or with no weights pixel L1 + (1 - SSIM),
@@ -100,6 +108,9 @@ class TranslationLoss(nn.Module):
         terms = {"reconstruction": self.reconstruction(translated, target),
                  "adversarial": _real_or_fake(self.image_discriminator(translated), True)}
         loss = self.cfg.reconstruction_weight * terms["reconstruction"] + terms["adversarial"]
+        if self.cfg.motion_weight:
+            terms["motion"] = motion_l1(translated, target, reference)
+            loss = loss + self.cfg.motion_weight * terms["motion"]
         if self.cfg.separation_weight:
             pair = torch.stack([reference_keypoints, target_keypoints], 1)
             terms["separation"] = separation_loss(pair, self.cfg.separation_sigma)
@@ -172,7 +183,7 @@ class ClassConditionalFamily(Family):
         self.losses = {"main": TranslationLoss(self.root), "image_discriminator": ImageDiscriminatorLoss(self.root),
                        "generator": MotionLoss(self.root),
                        "sequence_discriminator": SequenceDiscriminatorLoss(self.root)}
-        self.confusion = None  # the last evaluation's confusion matrix, from the motion stage on
+        self.evaluated = {}  # the last evaluation's figures (confusion matrix, diversity), from the motion stage on
 
     def optimiser(self, name: str) -> Optimiser:
         return Optimiser(self.losses[name], betas=(self.cfg.adam_beta1, 0.999))
@@ -213,17 +224,22 @@ class ClassConditionalFamily(Family):
     def evaluate(self, cfg, stage, device, dtype):
         from kpscale.models.class_conditional.evaluation import snapshot
 
-        metrics, video, self.confusion = snapshot(self.root, cfg, stage == "motion", device, dtype,
+        metrics, video, self.evaluated = snapshot(self.root, cfg, stage == "motion", device, dtype,
                                                   cfg.train.eval_clips)
         return metrics, video
 
     def figures(self, folder: str) -> list[Path]:
-        if self.confusion is None:
+        if not self.evaluated:
             return []
+        from PIL import Image
+
         from kpscale.evaluate.action_recognition import confusion_plot
 
-        return [confusion_plot(self.confusion, self.cfg.classes, Path(folder) / "recognition_confusion.png",
-                               "generated videos: requested vs recognised class")]
+        diversity = Path(folder) / "diversity.png"
+        Image.fromarray(self.evaluated["diversity"]).save(diversity)
+        return [confusion_plot(self.evaluated["confusion"], self.cfg.classes,
+                               Path(folder) / "recognition_confusion.png",
+                               "generated videos: requested vs recognised class"), diversity]
 
     def describe(self, metrics: dict[str, float]) -> str:
         text = (f"keypoints track the joints to {metrics['tracking_error']:.2f} px (null model "

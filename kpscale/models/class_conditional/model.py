@@ -54,6 +54,10 @@ class ClassConditionalConfig(Config):
     # pair's keypoints, which penalises keypoints that move alike, so they spread over the limbs.
     separation_weight: float = Field(0.0, ge=0)
     separation_sigma: float = Field(0.1, gt=0)
+    # kpscale's, not the paper's (0 turns it off): an L1 term weighted by where the pair's two
+    # frames differ, so a thin limb's move costs as much as the frame it sits in; without it,
+    # copying the reference frame is a cheap minimum of the reconstruction on small figures.
+    motion_weight: float = Field(0.0, ge=0)
     lstm_size: int = Field(256, ge=1)  # the paper: 1024
     latent_size: int = Field(64, ge=1)  # z (official 64)
     generated: int = Field(16, ge=1)  # keypoint steps the generator draws after the first frame (official 32)
