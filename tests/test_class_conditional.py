@@ -346,7 +346,9 @@ def test_evaluation_recognises_each_class_of_generated_videos_and_draws_the_figu
     assert set(metrics) == {"tracking_error", "tracking_error_null", "psnr_translation"}
     assert 0 < metrics["tracking_error"] and 0 < metrics["tracking_error_null"]
     metrics, video = family.evaluate(cfg, "motion", torch.device("cpu"), torch.float32)
-    assert 0 <= metrics["recognition_accuracy"] <= 1 and 0 <= metrics["recognition_accuracy_real"] <= 1
+    assert all(0 <= metrics[f"recognition_accuracy{kind}"] <= 1
+               for kind in ("", "_real", "_keypoints", "_keypoints_real"))
+    assert "keypoint motion alone" in family.describe(metrics)
     confusion = family.evaluated["confusion"]
     assert confusion.shape == (6, 6) and confusion.sum(1).tolist() == [1] * 6  # 6 first frames // 6 classes
     assert metrics["recognition_accuracy"] == confusion.diag().sum().item() / 6
@@ -393,7 +395,7 @@ def test_fvd_per_class_is_said_unavailable_once_without_i3d_weights(tiny_actors,
     for _ in range(2):
         assert evaluation._fvd_per_class(cfg, torch.zeros(6, 1, 9, 3, 64, 64), str(tiny_actors / "test"),
                                          torch.arange(6), torch.device("cpu")) == {}
-    assert caplog.text.count("FVD is unavailable: no weights given") == 1 and "(train.i3d)" in caplog.text
+    assert caplog.text.count("FVD is unavailable: no weights given") == 1 and "train.i3d=PATH" in caplog.text
     cfg.train.i3d = "/nonexistent/i3d.pt"
     assert evaluation._fvd_per_class(cfg, torch.zeros(6, 1, 9, 3, 64, 64), str(tiny_actors / "test"),
                                      torch.arange(6), torch.device("cpu")) == {}

@@ -6,7 +6,10 @@ clips, its error in pixels on test clips beside the null model's), and the PSNR 
 translated from the clip's first frame at that frame's keypoints. Stage 2 (the motion generator)
 adds the paper's headline metric: each test clip's first frame is animated once per action class,
 and a classifier trained on real training clips (kpscale.evaluate.action_recognition) says which
-action it sees; its accuracy on real test clips is the ceiling to read it against. Diversity:
+action it sees; its accuracy on real test clips is the ceiling to read it against. Beside it,
+kpscale's diagnostic of the motion stage alone: a classifier of keypoint sequences fitted on the
+detector's keypoints of training clips judges the generated keypoint sequences (ceiling: the test
+clips' detected keypoints), so a failure of the drawing and one of the motion read apart. Diversity:
 the mean pairwise distance in pixels between keypoint sequences drawn with different z, and a
 figure of them. FVD per class (generated clips of a class against the real test clips of that
 class), where I3D weights are given: with tens of clips per class it compares runs evaluated on
@@ -59,21 +62,23 @@ def _grid(videos: torch.Tensor, gap: int = 2) -> np.ndarray:
 
 @torch.no_grad()
 def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, clips: int):
-    """(metrics, video, confusion matrix [C, C] or None); on every rank (a ZeRO-3 forward pass
-    needs them all)."""
+    """(metrics, video, figures: from the motion stage on the confusion matrix [C, C] and the
+    diversity grid); on every rank (a ZeRO-3 forward pass needs them all)."""
     was_training = net.training
     net.eval()
     mcfg, test = cfg.model, cfg.data.test or cfg.data.train
-    states, joints = [], []
+    train, joints, train_labels = [], [], []  # the training clips' keypoints [B, T, K, 2], joints, labels
     for batch in fixed_batches(cfg.data.train, cfg.data, cfg.window, clips):
-        states.append(_keypoint_states(net, batch["video"].to(device, dtype)).flatten(2).flatten(0, 1))
+        train.append(_keypoint_states(net, batch["video"].to(device, dtype)))
         joints.append(batch["coords"].flatten(0, 1).to(device))
-    weights = tracking_error.fit(torch.cat(states), torch.cat(joints))
-    errors, positions, psnr, video, firsts, labels = [], [], [], None, [], []
+        train_labels += batch["label"]
+    weights = tracking_error.fit(torch.cat(train).flatten(2).flatten(0, 1), torch.cat(joints))
+    errors, positions, psnr, video, firsts, labels, tests = [], [], [], None, [], [], []
     for batch in fixed_batches(test, cfg.data, cfg.window, clips):
         labels += batch["label"]
         clip = batch["video"].to(device, dtype)
         keypoints = _keypoint_states(net, clip)
+        tests.append(keypoints)
         coords = batch["coords"].to(device)
         errors.append(tracking_error.per_step_errors(weights, keypoints.flatten(2), coords).mean(1))
         positions.append(coords)
@@ -90,11 +95,13 @@ def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, c
                "psnr_translation": torch.cat(psnr).mean().item()}
     figures = {}
     if motion:
-        generated, matrix, real = _recognition(net, cfg, torch.cat(firsts), device)
+        generated, motions, matrix, real = _recognition(net, cfg, torch.cat(firsts), device)
         diversity, figures["diversity"] = _diversity(net, torch.cat(firsts)[:16], mcfg)
         figures["confusion"] = matrix
         metrics.update({"recognition_accuracy": matrix.diag().sum().item() / matrix.sum().item(),
                         "recognition_accuracy_real": real, "diversity_px": diversity})
+        metrics.update(_keypoint_recognition(mcfg, (torch.cat(train), mcfg.class_index(train_labels)),
+                                             (torch.cat(tests), mcfg.class_index(labels)), motions))
         video = _grid(generated[:, :4].cpu())
         metrics.update(_fvd_per_class(cfg, generated, test, mcfg.class_index(labels), device))
     net.train(was_training)
@@ -102,8 +109,9 @@ def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, c
 
 
 def _recognition(net, cfg, firsts: torch.Tensor, device: torch.device):
-    """Generated clips [C, N, T, 3, S, S] (each first frame animated as each class), the action
-    classifier's confusion matrix on them, and its accuracy on real test clips."""
+    """Generated clips [C, N, T, 3, S, S] (each first frame animated as each class) and their
+    keypoints [C, N, T, K, 2], the action classifier's confusion matrix on the clips, and its
+    accuracy on real test clips."""
     from kpscale.evaluate import action_recognition
 
     mcfg = cfg.model
@@ -113,15 +121,34 @@ def _recognition(net, cfg, firsts: torch.Tensor, device: torch.device):
     per_class = max(1, len(firsts) // mcfg.num_classes)
     firsts = firsts[:per_class]
     generator = torch.Generator().manual_seed(0)  # the same z at every evaluation
-    generated = torch.stack([net.generate(firsts, torch.full((len(firsts),), c, device=device),
-                                          generator=generator)[0].float()
-                             for c in range(mcfg.num_classes)])
+    generated, motions = (torch.stack(x) for x in zip(*(
+        net.generate(firsts, torch.full((len(firsts),), c, device=device), generator=generator)
+        for c in range(mcfg.num_classes))))
+    generated = generated.float()
     recognised = action_recognition.predict(classifier, generated.flatten(0, 1))
     requested = torch.arange(mcfg.num_classes).repeat_interleave(len(firsts))
     matrix = action_recognition.confusion_matrix(recognised.cpu(), requested, mcfg.num_classes)
     _, real = action_recognition.evaluate_real(classifier, cfg.data.test or cfg.data.train, cfg.window,
                                                limit=cfg.train.eval_clips)
-    return generated, matrix, real
+    return generated, motions, matrix, real
+
+
+def _keypoint_recognition(mcfg, train: tuple, test: tuple, motions: torch.Tensor) -> dict[str, float]:
+    """kpscale's diagnostic of the motion stage alone: a classifier of keypoint sequences, fitted on
+    the detector's keypoints of the training clips (`train`: sequences, class indices), judges the
+    generated keypoint sequences [C, N, T, K, 2] before any frame is drawn; its accuracy on the
+    test clips' detected keypoints (`test`) is the ceiling."""
+    from kpscale.evaluate import action_recognition
+
+    device = motions.device
+    judge = action_recognition.train_keypoint_classifier(train[0].float(), train[1].to(device), mcfg.classes)
+    real = action_recognition.confusion_matrix(action_recognition.predict(judge, test[0].float()), test[1],
+                                               mcfg.num_classes)
+    requested = torch.arange(mcfg.num_classes).repeat_interleave(motions.shape[1])
+    generated = action_recognition.confusion_matrix(action_recognition.predict(judge, motions.flatten(0, 1).float()),
+                                                    requested, mcfg.num_classes)
+    return {"recognition_accuracy_keypoints": action_recognition.accuracy(generated),
+            "recognition_accuracy_keypoints_real": action_recognition.accuracy(real)}
 
 
 def _fvd_per_class(cfg, generated: torch.Tensor, test: str, labels: torch.Tensor, device) -> dict[str, float]:
@@ -136,7 +163,7 @@ def _fvd_per_class(cfg, generated: torch.Tensor, test: str, labels: torch.Tensor
     except WeightsUnavailable as exc:
         if str(exc) not in _SAID:
             _SAID.add(str(exc))
-            log.warning("%s (train.i3d)", exc)
+            log.warning("%s During training: train.i3d=PATH.", exc)
         return {}
     real = torch.cat([i3d.features(b["video"]) for b in fixed_batches(test, cfg.data, cfg.window, len(labels))])
     fake = torch.stack([i3d.features(clips) for clips in generated])

@@ -247,5 +247,7 @@ class ClassConditionalFamily(Family):
         if "recognition_accuracy" in metrics:
             text += (f"; generated videos recognised as their class {100 * metrics['recognition_accuracy']:.1f}% "
                      f"(real test clips {100 * metrics['recognition_accuracy_real']:.1f}%, chance "
-                     f"{100 / self.cfg.num_classes:.1f}%)")
+                     f"{100 / self.cfg.num_classes:.1f}%); their keypoint motion alone "
+                     f"{100 * metrics['recognition_accuracy_keypoints']:.1f}% (real clips' detected keypoints "
+                     f"{100 * metrics['recognition_accuracy_keypoints_real']:.1f}%)")
         return text
