@@ -159,10 +159,11 @@ class KeypointActionClassifier(nn.Module):
         self.head = nn.Linear(width, len(classes))
 
     def forward(self, sequences: torch.Tensor) -> torch.Tensor:
+        sequences = sequences.float()  # bf16 keypoints would lose the small steps' differences
         relative = sequences - sequences[:, :1]
         change = torch.cat([torch.zeros_like(sequences[:, :1]), sequences.diff(dim=1)], 1)
         x = torch.cat([relative, change], -1).flatten(2).transpose(1, 2)  # [B, 4K, T]
-        return self.head(self.net(x.float()).mean(-1))
+        return self.head(self.net(x).mean(-1))
 
 
 @torch.enable_grad()  # also when called from an evaluation under no_grad

@@ -141,11 +141,11 @@ def _keypoint_recognition(mcfg, train: tuple, test: tuple, motions: torch.Tensor
     from kpscale.evaluate import action_recognition
 
     device = motions.device
-    judge = action_recognition.train_keypoint_classifier(train[0].float(), train[1].to(device), mcfg.classes)
-    real = action_recognition.confusion_matrix(action_recognition.predict(judge, test[0].float()), test[1],
-                                               mcfg.num_classes)
+    # The classifier casts its inputs to float32 itself.
+    judge = action_recognition.train_keypoint_classifier(train[0], train[1].to(device), mcfg.classes)
+    real = action_recognition.confusion_matrix(action_recognition.predict(judge, test[0]), test[1], mcfg.num_classes)
     requested = torch.arange(mcfg.num_classes).repeat_interleave(motions.shape[1])
-    generated = action_recognition.confusion_matrix(action_recognition.predict(judge, motions.flatten(0, 1).float()),
+    generated = action_recognition.confusion_matrix(action_recognition.predict(judge, motions.flatten(0, 1)),
                                                     requested, mcfg.num_classes)
     return {"recognition_accuracy_keypoints": action_recognition.accuracy(generated),
             "recognition_accuracy_keypoints_real": action_recognition.accuracy(real)}
