@@ -352,6 +352,9 @@ def test_evaluation_recognises_each_class_of_generated_videos_and_draws_the_figu
     confusion = family.evaluated["confusion"]
     assert confusion.shape == (6, 6) and confusion.sum(1).tolist() == [1] * 6  # 6 first frames // 6 classes
     assert metrics["recognition_accuracy"] == confusion.diag().sum().item() / 6
+    assert [metrics[f"recognition_accuracy/{name}"] for name in cfg.model.classes] == confusion.diag().tolist()
+    weakest = cfg.model.classes[confusion.diag().argmin()]
+    assert f"the weakest class, {weakest}, {100 * confusion.diag().min().item():.1f}%" in family.describe(metrics)
     assert metrics["diversity_px"] > 0  # an untrained generator's draws differ with z
     assert video.shape == (9, 6 * 66, 1 * 66, 3)  # a row per class, a column per first frame, 1 + 8 frames
     paths = family.figures(str(tmp_path))

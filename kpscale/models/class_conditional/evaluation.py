@@ -24,7 +24,7 @@ import logging
 import numpy as np
 import torch
 
-from kpscale.evaluate import tracking_error
+from kpscale.evaluate import action_recognition, tracking_error
 from kpscale.evaluate.frames import psnr_per_step
 from kpscale.evaluate.media import panel, to_rgb
 from kpscale.evaluate.snapshot import fixed_batches
@@ -100,6 +100,10 @@ def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, c
         figures["confusion"] = matrix
         metrics.update({"recognition_accuracy": matrix.diag().sum().item() / matrix.sum().item(),
                         "recognition_accuracy_real": real, "diversity_px": diversity})
+        # Per class: the paper's claim is about each action, and one class the judge defaults to
+        # can carry the mean.
+        metrics.update({f"recognition_accuracy/{name}": value for name, value in
+                        zip(mcfg.classes, action_recognition.accuracy_per_class(matrix).tolist())})
         metrics.update(_keypoint_recognition(mcfg, (torch.cat(train), mcfg.class_index(train_labels)),
                                              (torch.cat(tests), mcfg.class_index(labels)), motions))
         video = _grid(generated[:, :4].cpu())
@@ -112,8 +116,6 @@ def _recognition(net, cfg, firsts: torch.Tensor, device: torch.device):
     """Generated clips [C, N, T, 3, S, S] (each first frame animated as each class) and their
     keypoints [C, N, T, K, 2], the action classifier's confusion matrix on the clips, and its
     accuracy on real test clips."""
-    from kpscale.evaluate import action_recognition
-
     mcfg = cfg.model
     # No progress bar in a training worker: its carriage returns become lines of the job's log.
     classifier = action_recognition.load_or_train(cfg.data.train, mcfg.classes, cfg.window, progress=False,
@@ -138,8 +140,6 @@ def _keypoint_recognition(mcfg, train: tuple, test: tuple, motions: torch.Tensor
     the detector's keypoints of the training clips (`train`: sequences, class indices), judges the
     generated keypoint sequences [C, N, T, K, 2] before any frame is drawn; its accuracy on the
     test clips' detected keypoints (`test`) is the ceiling."""
-    from kpscale.evaluate import action_recognition
-
     device = motions.device
     # The classifier casts its inputs to float32 itself.
     judge = action_recognition.train_keypoint_classifier(train[0], train[1].to(device), mcfg.classes)

@@ -245,8 +245,10 @@ class ClassConditionalFamily(Family):
         text = (f"keypoints track the joints to {metrics['tracking_error']:.2f} px (null model "
                 f"{metrics['tracking_error_null']:.2f} px); translation PSNR {metrics['psnr_translation']:.2f} dB")
         if "recognition_accuracy" in metrics:
+            weakest = min(self.cfg.classes, key=lambda name: metrics[f"recognition_accuracy/{name}"])
             text += (f"; generated videos recognised as their class {100 * metrics['recognition_accuracy']:.1f}% "
-                     f"(real test clips {100 * metrics['recognition_accuracy_real']:.1f}%, chance "
+                     f"(the weakest class, {weakest}, {100 * metrics[f'recognition_accuracy/{weakest}']:.1f}%; "
+                     f"real test clips {100 * metrics['recognition_accuracy_real']:.1f}%, chance "
                      f"{100 / self.cfg.num_classes:.1f}%); their keypoint motion alone "
                      f"{100 * metrics['recognition_accuracy_keypoints']:.1f}% (real clips' detected keypoints "
                      f"{100 * metrics['recognition_accuracy_keypoints_real']:.1f}%)")
