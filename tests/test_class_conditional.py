@@ -347,8 +347,20 @@ def test_evaluation_recognises_each_class_of_generated_videos_and_draws_the_figu
     assert 0 < metrics["tracking_error"] and 0 < metrics["tracking_error_null"]
     metrics, video = family.evaluate(cfg, "motion", torch.device("cpu"), torch.float32)
     assert all(0 <= metrics[f"recognition_accuracy{kind}"] <= 1
-               for kind in ("", "_real", "_keypoints", "_keypoints_real"))
+               for kind in ("", "_real", "_keypoints", "_keypoints_real", "_drawn"))
+    # The diagnostics per class: the generated keypoints one sequence a class, the drawn test clips
+    # as many as the 6 test clips hold of each; the overall figure counts the same clips.
+    test_labels = [label for b in fixed_batches(str(tiny_actors / "test"), cfg.data, cfg.window, 6)
+                   for label in b["label"]]
+    for diagnostic, counts in (("_keypoints", [1] * 6), ("_drawn", [test_labels.count(c) for c in cfg.model.classes])):
+        recognised = []
+        for name, count in zip(cfg.model.classes, counts):
+            value = metrics[f"recognition_accuracy{diagnostic}/{name}"]
+            assert np.isnan(value) if count == 0 else value * count == pytest.approx(round(value * count))
+            recognised.append(0 if count == 0 else value * count)
+        assert metrics[f"recognition_accuracy{diagnostic}"] == pytest.approx(sum(recognised) / 6)
     assert "keypoint motion alone" in family.describe(metrics)
+    assert "drawing of real clips' motion" in family.describe(metrics)
     confusion = family.evaluated["confusion"]
     assert confusion.shape == (6, 6) and confusion.sum(1).tolist() == [1] * 6  # 6 first frames // 6 classes
     assert metrics["recognition_accuracy"] == confusion.diag().sum().item() / 6

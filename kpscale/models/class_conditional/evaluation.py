@@ -7,9 +7,11 @@ translated from the clip's first frame at that frame's keypoints. Stage 2 (the m
 adds the paper's headline metric: each test clip's first frame is animated once per action class,
 and a classifier trained on real training clips (kpscale.evaluate.action_recognition) says which
 action it sees; its accuracy on real test clips is the ceiling to read it against. Beside it,
-kpscale's diagnostic of the motion stage alone: a classifier of keypoint sequences fitted on the
-detector's keypoints of training clips judges the generated keypoint sequences (ceiling: the test
-clips' detected keypoints), so a failure of the drawing and one of the motion read apart. Diversity:
+kpscale's two diagnostics, each per class, so a failure of the drawing and one of the motion read
+apart: the same judge on the test clips' own motion as the translator draws it from their first
+frame at their detected keypoints (the drawing alone), and a classifier of keypoint sequences
+fitted on the detector's keypoints of training clips on the generated keypoint sequences (the
+motion alone; ceiling: the test clips' detected keypoints). Diversity:
 the mean pairwise distance in pixels between keypoint sequences drawn with different z, and a
 figure of them. FVD per class (generated clips of a class against the real test clips of that
 class), where I3D weights are given: with tens of clips per class it compares runs evaluated on
@@ -73,7 +75,7 @@ def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, c
         joints.append(batch["coords"].flatten(0, 1).to(device))
         train_labels += batch["label"]
     weights = tracking_error.fit(torch.cat(train).flatten(2).flatten(0, 1), torch.cat(joints))
-    errors, positions, psnr, video, firsts, labels, tests = [], [], [], None, [], [], []
+    errors, positions, psnr, video, firsts, labels, tests, drawn = [], [], [], None, [], [], [], []
     for batch in fixed_batches(test, cfg.data, cfg.window, clips):
         labels += batch["label"]
         clip = batch["video"].to(device, dtype)
@@ -87,6 +89,8 @@ def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, c
                                     keypoints.flatten(0, 1))[0].unflatten(0, clip.shape[:2]).float()
         psnr.append(psnr_per_step(translated[:, 1:], clip[:, 1:].float()).mean(1))
         firsts.append(clip[:, 0])
+        if motion:  # the real motion as the translator draws it, from the first frame
+            drawn.append(torch.cat([clip[:, :1].float(), translated[:, 1:]], 1))
         if video is None:  # the clip, its keypoints, and each frame translated from the first
             video = panel(batch["video"][0], None, translated[0].cpu(), 1, _with_presence(keypoints[0].cpu()),
                           mcfg.heatmap_size)
@@ -95,31 +99,41 @@ def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, c
                "psnr_translation": torch.cat(psnr).mean().item()}
     figures = {}
     if motion:
-        generated, motions, matrix, real = _recognition(net, cfg, torch.cat(firsts), device)
+        # No progress bar in a training worker: its carriage returns become lines of the job's log.
+        judge = action_recognition.load_or_train(cfg.data.train, mcfg.classes, cfg.window, progress=False,
+                                                 **JUDGE).to(device)
+        generated, motions, matrix, real = _recognition(net, judge, cfg, torch.cat(firsts), device)
         diversity, figures["diversity"] = _diversity(net, torch.cat(firsts)[:16], mcfg)
         figures["confusion"] = matrix
-        metrics.update({"recognition_accuracy": action_recognition.accuracy(matrix),
+        metrics.update({**_accuracies("recognition_accuracy", matrix, mcfg.classes),
                         "recognition_accuracy_real": real, "diversity_px": diversity})
-        # Per class: the paper's claim is about each action, and one class the judge defaults to
-        # can carry the mean.
-        metrics.update({f"recognition_accuracy/{name}": value for name, value in
-                        zip(mcfg.classes, action_recognition.accuracy_per_class(matrix).tolist())})
+        # kpscale's diagnostics, each per class: the test clips' own motion as the translator draws
+        # it (the drawing's part), and the generated keypoints judged before any frame is drawn
+        # (the motion's part).
+        test_labels = mcfg.class_index(labels)
+        drawn_matrix = action_recognition.confusion_matrix(
+            action_recognition.predict(judge, torch.cat(drawn)), test_labels, mcfg.num_classes)
+        metrics.update(_accuracies("recognition_accuracy_drawn", drawn_matrix, mcfg.classes))
         metrics.update(_keypoint_recognition(mcfg, (torch.cat(train), mcfg.class_index(train_labels)),
-                                             (torch.cat(tests), mcfg.class_index(labels)), motions))
+                                             (torch.cat(tests), test_labels), motions))
         video = _grid(generated[:, :4].cpu())
-        metrics.update(_fvd_per_class(cfg, generated, test, mcfg.class_index(labels), device))
+        metrics.update(_fvd_per_class(cfg, generated, test, test_labels, device))
     net.train(was_training)
     return metrics, video, figures
 
 
-def _recognition(net, cfg, firsts: torch.Tensor, device: torch.device):
+def _accuracies(name: str, matrix: torch.Tensor, classes) -> dict[str, float]:
+    """NAME, the accuracy of a confusion matrix, and NAME/CLASS, each class's: the paper's claim is
+    about each action, and one class the judge defaults to can carry the mean."""
+    per_class = action_recognition.accuracy_per_class(matrix).tolist()
+    return {name: action_recognition.accuracy(matrix), **{f"{name}/{c}": v for c, v in zip(classes, per_class)}}
+
+
+def _recognition(net, classifier, cfg, firsts: torch.Tensor, device: torch.device):
     """Generated clips [C, N, T, 3, S, S] (each first frame animated as each class) and their
     keypoints [C, N, T, K, 2], the action classifier's confusion matrix on the clips, and its
     accuracy on real test clips."""
     mcfg = cfg.model
-    # No progress bar in a training worker: its carriage returns become lines of the job's log.
-    classifier = action_recognition.load_or_train(cfg.data.train, mcfg.classes, cfg.window, progress=False,
-                                                  **JUDGE).to(device)
     per_class = max(1, len(firsts) // mcfg.num_classes)
     firsts = firsts[:per_class]
     generator = torch.Generator().manual_seed(0)  # the same z at every evaluation
@@ -147,7 +161,7 @@ def _keypoint_recognition(mcfg, train: tuple, test: tuple, motions: torch.Tensor
     requested = torch.arange(mcfg.num_classes).repeat_interleave(motions.shape[1])
     generated = action_recognition.confusion_matrix(action_recognition.predict(judge, motions.flatten(0, 1)),
                                                     requested, mcfg.num_classes)
-    return {"recognition_accuracy_keypoints": action_recognition.accuracy(generated),
+    return {**_accuracies("recognition_accuracy_keypoints", generated, mcfg.classes),
             "recognition_accuracy_keypoints_real": action_recognition.accuracy(real)}
 
 

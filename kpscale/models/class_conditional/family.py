@@ -251,5 +251,6 @@ class ClassConditionalFamily(Family):
                      f"real test clips {100 * metrics['recognition_accuracy_real']:.1f}%, chance "
                      f"{100 / self.cfg.num_classes:.1f}%); their keypoint motion alone "
                      f"{100 * metrics['recognition_accuracy_keypoints']:.1f}% (real clips' detected keypoints "
-                     f"{100 * metrics['recognition_accuracy_keypoints_real']:.1f}%)")
+                     f"{100 * metrics['recognition_accuracy_keypoints_real']:.1f}%); the translator's drawing "
+                     f"of real clips' motion {100 * metrics['recognition_accuracy_drawn']:.1f}%")
         return text
