@@ -5,7 +5,9 @@ clips then says which action it sees. The confusion matrix (requested class x re
 and its accuracy measure how well the generated motion carries the requested action.
 
 The classifier is a small convolutional network over frame differences, trained on random
-windows of real training clips (random horizontal flips: actors face either way). It judges
+windows of real training clips (random horizontal flips: actors face either way; random blur:
+generated frames are softer than real ones, and a judge trained on sharp frames alone calls a
+blurred squat a kick). It judges
 frames only, never a model's internal state, so it is independent of the generator it judges
 and the same judge serves every model. It takes clips of any length, but is surest on the
 window length it was trained on. `load_or_train` trains it once per training data, classes,
@@ -39,7 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # part of the cache key: bump when the network or its training changes
+VERSION = 2  # part of the cache key: bump when the network or its training changes
 SIZE = 64  # frames are judged at this resolution
 
 
@@ -104,12 +106,29 @@ def _manifest(spec: str) -> tuple[object, str] | None:
     return None
 
 
+def blur(frames: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Clips [B, T, C, H, W] each blurred by a Gaussian of its own deviation `sigma` [B] in
+    pixels (0: unchanged), borders replicated."""
+    b, t, c, h, w = frames.shape
+    radius = max(1, int(3 * sigma.max().item() + 0.999))
+    offsets = torch.arange(-radius, radius + 1, dtype=frames.dtype)
+    kernels = torch.exp(-offsets.square() / (2 * sigma.to(frames.dtype).clamp_min(1e-3)[:, None].square()))
+    kernels = (kernels / kernels.sum(1, keepdim=True)).repeat_interleave(t * c, 0)  # a kernel per channel
+    x = frames.reshape(1, b * t * c, h, w)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernels[:, None, None, :], groups=b * t * c)
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernels[:, None, :, None], groups=b * t * c)
+    return x.reshape(b, t, c, h, w)
+
+
 @torch.enable_grad()  # also when called from an evaluation under no_grad
 def train_classifier(spec: str, classes: tuple[str, ...], window: int, steps: int = 200, batch_size: int = 32,
-                     lr: float = 4e-3, seed: int = 0, width: int = 8, progress: bool = True) -> ActionClassifier:
+                     lr: float = 4e-3, seed: int = 0, width: int = 8, max_blur: float = 3.0,
+                     progress: bool = True) -> ActionClassifier:
     """A classifier trained on `steps` batches of random `window`-frame windows of the real clips
-    of `spec` (a shard folder, glob, manifest, ... as ClipLoader takes), on the CPU. The same
-    seed gives the same classifier."""
+    of `spec` (a shard folder, glob, manifest, ... as ClipLoader takes), on the CPU. Each clip is
+    blurred by a Gaussian of a random deviation up to `max_blur` pixels at 64 px: a judge of
+    generated videos must read the action, not the sharpness, which a generator pays for
+    separately (FVD). The same seed gives the same classifier."""
     classes = tuple(classes)
     manifest = _manifest(spec)
     if manifest is not None:  # refuse a wrong class list before any training
@@ -119,7 +138,7 @@ def train_classifier(spec: str, classes: tuple[str, ...], window: int, steps: in
     with torch.random.fork_rng(devices=[]):  # seeded initial weights, the caller's global RNG untouched
         torch.manual_seed(seed)
         classifier = ActionClassifier(classes, width)
-    flips = torch.Generator().manual_seed(seed)
+    augment = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
     # One resampled epoch of exactly `steps` batches; the reader decodes on the second core.
@@ -131,8 +150,11 @@ def train_classifier(spec: str, classes: tuple[str, ...], window: int, steps: in
         for batch in ClipLoader(spec, cfg, window=window, rank=0, world_size=1):
             _check_labels(batch["label"], classes, spec)
             video = batch["video"]
-            flip = torch.rand(len(video), generator=flips) < 0.5
+            flip = torch.rand(len(video), generator=augment) < 0.5
             video[flip] = video[flip].flip(-1)
+            if max_blur:
+                sigma = torch.rand(len(video), generator=augment) * max_blur * video.shape[-1] / SIZE
+                video = blur(video, sigma)
             target = torch.tensor([index[label] for label in batch["label"]])
             loss = F.cross_entropy(classifier(video), target, label_smoothing=0.1)
             optimizer.zero_grad(set_to_none=True)
