@@ -415,3 +415,20 @@ def test_fvd_per_class_is_said_unavailable_once_without_i3d_weights(tiny_actors,
     assert evaluation._fvd_per_class(cfg, torch.zeros(6, 1, 9, 3, 64, 64), str(tiny_actors / "test"),
                                      torch.arange(6), torch.device("cpu")) == {}
     assert "weights file /nonexistent/i3d.pt not found" in caplog.text
+
+
+def test_the_paper_config_holds_the_papers_settings(tiny_actors):
+    """paper_penn_action.yaml against the paper (lambda_1..3, Sec. 3.2) and the official code
+    (../shared/reference/official-implementations.md), whatever the CPU config it extends sets."""
+    from conftest import ROOT
+    from kpscale.train.config import load_train_config
+
+    cfg = load_train_config(ROOT / "kpscale/models/class_conditional/configs/paper_penn_action.yaml",
+                            [f"data.train={tiny_actors / 'train'}", "model.vgg19_weights=vgg19-dcbb9e9d.pth"])
+    m = cfg.model
+    assert (m.image_size, m.num_keypoints, m.heatmap_size, m.pair_gap) == (128, 40, 128, (8, 11))
+    assert (m.reconstruction, m.reconstruction_weight, m.l1_weight, m.sequence_adversarial_weight) == \
+        ("vgg19", 1.0, 1000.0, 2.0)
+    assert (m.lstm_size, m.latent_size, m.generated, m.kl_weight, m.adam_beta1) == (1024, 64, 32, 1.0, 0.5)
+    assert (m.separation_weight, m.motion_weight) == (0.0, 0.0)  # kpscale's terms off
+    assert (cfg.train.lr, cfg.data.batch_size) == (1e-4, 16)

@@ -48,7 +48,7 @@ class ClassConditionalConfig(Config):
     pair_gap: tuple[int, int] = (8, 11)  # stage 1 pairs a frame with one this many frames later (official)
     reconstruction: Literal["l1_ssim", "vgg19"] = "l1_ssim"  # vgg19: the paper's perceptual loss (weights by path)
     vgg19_weights: str | None = None  # torchvision's vgg19 state dict for reconstruction=vgg19; None: $KPSCALE_VGG19_WEIGHTS
-    # lambda_1: the reconstruction's weight beside the adversarial term (kpscale's; the paper gives none)
+    # lambda_1: the reconstruction's weight beside the adversarial term (the paper: 1, with its VGG-19 loss)
     reconstruction_weight: float = Field(10.0, gt=0)
     # kpscale's, not the paper's (0 turns it off): Struct-VRNN's separation loss on each frame
     # pair's keypoints, which penalises keypoints that move alike, so they spread over the limbs.
@@ -63,7 +63,7 @@ class ClassConditionalConfig(Config):
     generated: int = Field(16, ge=1)  # keypoint steps the generator draws after the first frame (official 32)
     kl_weight: float = Field(1.0, ge=0)  # the KL term's weight (the paper: 1)
     l1_weight: float = Field(1000.0, ge=0)  # lambda_2 (official)
-    sequence_adversarial_weight: float = Field(1.0, ge=0)  # lambda_3
+    sequence_adversarial_weight: float = Field(2.0, ge=0)  # lambda_3 (the paper)
     adam_beta1: float = Field(0.5, ge=0, lt=1)  # official: Adam(0.5, 0.999) for every network
 
     @model_validator(mode="after")
