@@ -76,6 +76,9 @@ def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, c
         train_labels += batch["label"]
     weights = tracking_error.fit(torch.cat(train).flatten(2).flatten(0, 1), torch.cat(joints))
     errors, positions, psnr, video, firsts, labels, tests, drawn = [], [], [], None, [], [], [], []
+    # No progress bar in a training worker: its carriage returns become lines of the job's log.
+    judge = action_recognition.load_or_train(cfg.data.train, mcfg.classes, cfg.window, progress=False,
+                                             **JUDGE).to(device) if motion else None
     for batch in fixed_batches(test, cfg.data, cfg.window, clips):
         labels += batch["label"]
         clip = batch["video"].to(device, dtype)
@@ -89,8 +92,8 @@ def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, c
                                     keypoints.flatten(0, 1))[0].unflatten(0, clip.shape[:2]).float()
         psnr.append(psnr_per_step(translated[:, 1:], clip[:, 1:].float()).mean(1))
         firsts.append(clip[:, 0])
-        if motion:  # the real motion as the translator draws it, from the first frame
-            drawn.append(torch.cat([clip[:, :1].float(), translated[:, 1:]], 1))
+        if motion:  # the real motion as the translator draws it, from the first frame, judged batch by batch
+            drawn.append(action_recognition.predict(judge, torch.cat([clip[:, :1].float(), translated[:, 1:]], 1)))
         if video is None:  # the clip, its keypoints, and each frame translated from the first
             video = panel(batch["video"][0], None, translated[0].cpu(), 1, _with_presence(keypoints[0].cpu()),
                           mcfg.heatmap_size)
@@ -99,9 +102,6 @@ def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, c
                "psnr_translation": torch.cat(psnr).mean().item()}
     figures = {}
     if motion:
-        # No progress bar in a training worker: its carriage returns become lines of the job's log.
-        judge = action_recognition.load_or_train(cfg.data.train, mcfg.classes, cfg.window, progress=False,
-                                                 **JUDGE).to(device)
         generated, motions, matrix, real = _recognition(net, judge, cfg, torch.cat(firsts), device)
         diversity, figures["diversity"] = _diversity(net, torch.cat(firsts)[:16], mcfg)
         figures["confusion"] = matrix
@@ -111,8 +111,7 @@ def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, c
         # it (the drawing's part), and the generated keypoints judged before any frame is drawn
         # (the motion's part).
         test_labels = mcfg.class_index(labels)
-        drawn_matrix = action_recognition.confusion_matrix(
-            action_recognition.predict(judge, torch.cat(drawn)), test_labels, mcfg.num_classes)
+        drawn_matrix = action_recognition.confusion_matrix(torch.cat(drawn), test_labels, mcfg.num_classes)
         metrics.update(_accuracies("recognition_accuracy_drawn", drawn_matrix, mcfg.classes))
         metrics.update(_keypoint_recognition(mcfg, (torch.cat(train), mcfg.class_index(train_labels)),
                                              (torch.cat(tests), test_labels), motions))
