@@ -323,11 +323,13 @@ def test_the_motion_term_weighs_the_pixels_that_moved_and_is_opt_in():
 def test_evaluation_recognises_each_class_of_generated_videos_and_draws_the_figures(tiny_actors, tmp_path,
                                                                                      monkeypatch):
     """The motion stage's evaluation on held-out clips: every first frame animated as every class
-    and judged (the confusion matrix counts them all), the judge's accuracy on real clips beside
-    it, the tracking error beside its null model, and the figures: the confusion matrix, and the
-    diversity grid whose rows each start with their first frame."""
+    and judged batch by batch (the confusion matrix counts them all), the judge's accuracy on real
+    clips beside it, the tracking error beside its null model, FVD per class where I3D weights are
+    given, and the figures: the confusion matrix, and the diversity grid whose rows each start with
+    their first frame."""
     from PIL import Image
 
+    from kpscale.evaluate.i3d import I3D
     from kpscale.evaluate.media import to_rgb
     from kpscale.models.class_conditional import evaluation
     from kpscale.train.config import load_train_config
@@ -335,10 +337,19 @@ def test_evaluation_recognises_each_class_of_generated_videos_and_draws_the_figu
     monkeypatch.setenv("KPSCALE_CACHE", str(tmp_path / "cache"))  # the judge trains once, here
     # A judge of a few steps: this is the evaluation's wiring (the judge's own tests train it properly).
     monkeypatch.setattr(evaluation, "JUDGE", {"steps": 5, "batch_size": 8})
+    i3d_weights = tmp_path / "i3d.pt"  # random: this is the FVD's wiring (tests/test_fvd.py tests FVD)
+    torch.manual_seed(1)
+    i3d = I3D()
+    for m in i3d.modules():  # PyTorch's default init leaves random I3D logits nearly constant
+        if isinstance(m, torch.nn.Conv3d):
+            torch.nn.init.kaiming_normal_(m.weight)
+    torch.save(i3d.state_dict(), i3d_weights)
     cfg = load_train_config(None, [
         "model={name: class_conditional, num_keypoints: 5, filters: 8, lstm_size: 16, latent_size: 4, "
         "generated: 8, pair_gap: [2, 4]}", f"data.train={tiny_actors / 'train'}",
-        f"data.test={tiny_actors / 'test'}", "data.batch_size=6", "data.num_workers=0", "train.eval_clips=6"])
+        # The training clips as the held-out ones: 12, two of a class, so FVD has a Gaussian per class.
+        f"data.test={tiny_actors / 'train'}", "data.batch_size=3", "data.num_workers=0", "train.eval_clips=12",
+        f"train.i3d={i3d_weights}"])
     torch.manual_seed(0)
     family = ClassConditionalFamily(cfg.model)
     assert family.figures(str(tmp_path)) == []  # nothing evaluated yet
@@ -348,33 +359,38 @@ def test_evaluation_recognises_each_class_of_generated_videos_and_draws_the_figu
     metrics, video = family.evaluate(cfg, "motion", torch.device("cpu"), torch.float32)
     assert all(0 <= metrics[f"recognition_accuracy{kind}"] <= 1
                for kind in ("", "_real", "_keypoints", "_keypoints_real", "_drawn"))
-    # The diagnostics per class: the generated keypoints one sequence a class, the drawn test clips
-    # as many as the 6 test clips hold of each; the overall figure counts the same clips.
-    test_labels = [label for b in fixed_batches(str(tiny_actors / "test"), cfg.data, cfg.window, 6)
-                   for label in b["label"]]
-    for diagnostic, counts in (("_keypoints", [1] * 6), ("_drawn", [test_labels.count(c) for c in cfg.model.classes])):
+    # The diagnostics per class: the generated keypoints 12 sequences a class (one per first frame),
+    # the drawn test clips as many as the 12 test clips hold of each; the overall figure counts the
+    # same clips.
+    test_labels = [label for b in fixed_batches(cfg.data.test, cfg.data, cfg.window, 12) for label in b["label"]]
+    for diagnostic, counts in (("_keypoints", [12] * 6), ("_drawn", [test_labels.count(c) for c in cfg.model.classes])):
         recognised = []
         for name, count in zip(cfg.model.classes, counts):
             value = metrics[f"recognition_accuracy{diagnostic}/{name}"]
             assert np.isnan(value) if count == 0 else value * count == pytest.approx(round(value * count))
             recognised.append(0 if count == 0 else value * count)
-        assert metrics[f"recognition_accuracy{diagnostic}"] == pytest.approx(sum(recognised) / 6)
+        assert metrics[f"recognition_accuracy{diagnostic}"] == pytest.approx(sum(recognised) / sum(counts))
     assert "keypoint motion alone" in family.describe(metrics)
     assert "drawing of real clips' motion" in family.describe(metrics)
     confusion = family.evaluated["confusion"]
-    assert confusion.shape == (6, 6) and confusion.sum(1).tolist() == [1] * 6  # 6 first frames // 6 classes
-    assert metrics["recognition_accuracy"] == confusion.diag().sum().item() / 6
-    assert [metrics[f"recognition_accuracy/{name}"] for name in cfg.model.classes] == confusion.diag().tolist()
+    assert confusion.shape == (6, 6) and confusion.sum(1).tolist() == [12] * 6  # each of 12 first frames
+    assert metrics["recognition_accuracy"] == confusion.diag().sum().item() / 72
+    assert [metrics[f"recognition_accuracy/{name}"] for name in cfg.model.classes] == (confusion.diag() / 12).tolist()
+    # FVD for each class the 6 test clips hold twice or more (a Gaussian needs two), and their mean.
+    compared = [c for c in cfg.model.classes if test_labels.count(c) > 1]
+    assert compared and set(k for k in metrics if k.startswith("fvd")) == {"fvd", *(f"fvd/{c}" for c in compared)}
+    assert all(np.isfinite(metrics[f"fvd/{c}"]) and metrics[f"fvd/{c}"] > 0 for c in compared)
     weakest = cfg.model.classes[confusion.diag().argmin()]
     assert f"the weakest class, {weakest}, {100 * confusion.diag().min().item():.1f}%" in family.describe(metrics)
     assert metrics["diversity_px"] > 0  # an untrained generator's draws differ with z
-    assert video.shape == (9, 6 * 66, 1 * 66, 3)  # a row per class, a column per first frame, 1 + 8 frames
+    # A row per class, a column per shown clip, 1 + 8 frames.
+    assert video.shape == (9, 6 * 66, evaluation.SHOWN * 66, 3)
     paths = family.figures(str(tmp_path))
     assert [p.name for p in paths] == ["recognition_confusion.png", "diversity.png"]
     grid = np.asarray(Image.open(paths[1]))
     rows = evaluation.DIVERSITY_FIGURE_CLIPS * evaluation.DIVERSITY_SAMPLES
     assert grid.shape == (rows * 66, (1 + evaluation.DIVERSITY_FIGURE_STEPS) * 66, 3)
-    firsts = torch.cat([b["video"][:, 0] for b in fixed_batches(str(tiny_actors / "test"), cfg.data, cfg.window, 6)])
+    firsts = torch.cat([b["video"][:, 0] for b in fixed_batches(cfg.data.test, cfg.data, cfg.window, 12)])
     for row in range(rows):  # each z's row starts with its first frame
         np.testing.assert_array_equal(grid[row * 66:row * 66 + 64, :64],
                                       to_rgb(firsts[row // evaluation.DIVERSITY_SAMPLES][None])[0])
@@ -398,7 +414,7 @@ def test_fvd_per_class_compares_each_class_with_its_real_clips():
     assert set(fvd_per_class(real, labels.clamp(max=1), own, classes)) == {"fvd", "fvd/walk", "fvd/wave"}
 
 
-def test_fvd_per_class_is_said_unavailable_once_without_i3d_weights(tiny_actors, monkeypatch, caplog):
+def test_fvd_is_said_unavailable_once_without_i3d_weights(monkeypatch, caplog):
     from kpscale.evaluate.i3d import ENV_VAR
     from kpscale.models.class_conditional import evaluation
     from kpscale.train.config import load_train_config
@@ -408,12 +424,10 @@ def test_fvd_per_class_is_said_unavailable_once_without_i3d_weights(tiny_actors,
     monkeypatch.setattr(evaluation, "_SAID", set())  # as in a fresh process
     caplog.set_level(logging.WARNING, logger=evaluation.__name__)
     for _ in range(2):
-        assert evaluation._fvd_per_class(cfg, torch.zeros(6, 1, 9, 3, 64, 64), str(tiny_actors / "test"),
-                                         torch.arange(6), torch.device("cpu")) == {}
+        assert evaluation._i3d(cfg, torch.device("cpu")) is None
     assert caplog.text.count("FVD is unavailable: no weights given") == 1 and "train.i3d=PATH" in caplog.text
     cfg.train.i3d = "/nonexistent/i3d.pt"
-    assert evaluation._fvd_per_class(cfg, torch.zeros(6, 1, 9, 3, 64, 64), str(tiny_actors / "test"),
-                                     torch.arange(6), torch.device("cpu")) == {}
+    assert evaluation._i3d(cfg, torch.device("cpu")) is None
     assert "weights file /nonexistent/i3d.pt not found" in caplog.text
 
 

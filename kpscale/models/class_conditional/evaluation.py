@@ -14,8 +14,8 @@ fitted on the detector's keypoints of training clips on the generated keypoint s
 motion alone; ceiling: the test clips' detected keypoints). Diversity:
 the mean pairwise distance in pixels between keypoint sequences drawn with different z, and a
 figure of them. FVD per class (generated clips of a class against the real test clips of that
-class), where I3D weights are given: with tens of clips per class it compares runs evaluated on
-the same clips, not papers.
+class), where I3D weights are given: with about a hundred clips per class it compares runs
+evaluated on the same clips, not papers.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ _SAID: set[str] = set()  # warnings given once per process
 # The judge's training settings beyond action_recognition.train_classifier's defaults: none, so
 # every run on the same data shares one cached judge.
 JUDGE: dict = {}
+SHOWN = 4  # generated clips per class in the logged video
 DIVERSITY_SAMPLES = 3  # z per first frame for the diversity metric and figure
 DIVERSITY_FIGURE_CLIPS = 4  # first frames in the diversity figure
 DIVERSITY_FIGURE_STEPS = 5  # frames shown per generated clip, evenly from the first to the last
@@ -102,7 +103,8 @@ def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, c
                "psnr_translation": torch.cat(psnr).mean().item()}
     figures = {}
     if motion:
-        generated, motions, matrix, real = _recognition(net, judge, cfg, torch.cat(firsts), device)
+        i3d = _i3d(cfg, device)
+        shown, motions, matrix, fake, real = _recognition(net, judge, i3d, cfg, torch.cat(firsts), device)
         diversity, figures["diversity"] = _diversity(net, torch.cat(firsts)[:16], mcfg)
         figures["confusion"] = matrix
         metrics.update({**_accuracies("recognition_accuracy", matrix, mcfg.classes),
@@ -115,8 +117,11 @@ def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, c
         metrics.update(_accuracies("recognition_accuracy_drawn", drawn_matrix, mcfg.classes))
         metrics.update(_keypoint_recognition(mcfg, (torch.cat(train), mcfg.class_index(train_labels)),
                                              (torch.cat(tests), test_labels), motions))
-        video = _grid(generated[:, :4].cpu())
-        metrics.update(_fvd_per_class(cfg, generated, test, test_labels, device))
+        video = _grid(shown.cpu())
+        if i3d is not None:  # FVD per class: the generated clips of a class against its real test clips
+            real_features = torch.cat([i3d.features(b["video"])
+                                       for b in fixed_batches(test, cfg.data, cfg.window, len(labels))])
+            metrics.update(fvd_per_class(real_features, test_labels, fake, mcfg.classes))
     net.train(was_training)
     return metrics, video, figures
 
@@ -128,24 +133,34 @@ def _accuracies(name: str, matrix: torch.Tensor, classes) -> dict[str, float]:
     return {name: action_recognition.accuracy(matrix), **{f"{name}/{c}": v for c, v in zip(classes, per_class)}}
 
 
-def _recognition(net, classifier, cfg, firsts: torch.Tensor, device: torch.device):
-    """Generated clips [C, N, T, 3, S, S] (each first frame animated as each class) and their
-    keypoints [C, N, T, K, 2], the action classifier's confusion matrix on the clips, and its
-    accuracy on real test clips."""
+def _recognition(net, judge, i3d, cfg, firsts: torch.Tensor, device: torch.device):
+    """Every first frame [N, 3, S, S] animated as every class, judged batch by batch so that no more
+    than a batch of clips is held: (the first SHOWN clips of each class [C, SHOWN, T, 3, S, S], the
+    keypoints [C, N, T, K, 2], the judge's confusion matrix, the clips' I3D features [C, N, D] or
+    None without `i3d`, the judge's accuracy on real test clips)."""
     mcfg = cfg.model
-    per_class = max(1, len(firsts) // mcfg.num_classes)
-    firsts = firsts[:per_class]
     generator = torch.Generator().manual_seed(0)  # the same z at every evaluation
-    generated, motions = (torch.stack(x) for x in zip(*(
-        net.generate(firsts, torch.full((len(firsts),), c, device=device), generator=generator)
-        for c in range(mcfg.num_classes))))
-    generated = generated.float()
-    recognised = action_recognition.predict(classifier, generated.flatten(0, 1))
+    shown, motions, recognised, features = [], [], [], []
+    for c in range(mcfg.num_classes):
+        kept, keypoints, judged, feats = [], [], [], []
+        for chunk in firsts.split(cfg.data.batch_size):
+            clips, motion = net.generate(chunk, torch.full((len(chunk),), c, device=device), generator=generator)
+            clips = clips.float()
+            kept.append(clips[:SHOWN - sum(map(len, kept))])
+            keypoints.append(motion)
+            judged.append(action_recognition.predict(judge, clips))
+            if i3d is not None:
+                feats.append(i3d.features(clips))
+        shown.append(torch.cat(kept))
+        motions.append(torch.cat(keypoints))
+        recognised.append(torch.cat(judged))
+        features.append(torch.cat(feats) if feats else None)
     requested = torch.arange(mcfg.num_classes).repeat_interleave(len(firsts))
-    matrix = action_recognition.confusion_matrix(recognised.cpu(), requested, mcfg.num_classes)
-    _, real = action_recognition.evaluate_real(classifier, cfg.data.test or cfg.data.train, cfg.window,
+    matrix = action_recognition.confusion_matrix(torch.cat(recognised).cpu(), requested, mcfg.num_classes)
+    _, real = action_recognition.evaluate_real(judge, cfg.data.test or cfg.data.train, cfg.window,
                                                limit=cfg.train.eval_clips)
-    return generated, motions, matrix, real
+    return (torch.stack(shown), torch.stack(motions), matrix,
+            torch.stack(features) if i3d is not None else None, real)
 
 
 def _keypoint_recognition(mcfg, train: tuple, test: tuple, motions: torch.Tensor) -> dict[str, float]:
@@ -164,23 +179,19 @@ def _keypoint_recognition(mcfg, train: tuple, test: tuple, motions: torch.Tensor
             "recognition_accuracy_keypoints_real": action_recognition.accuracy(real)}
 
 
-def _fvd_per_class(cfg, generated: torch.Tensor, test: str, labels: torch.Tensor, device) -> dict[str, float]:
-    """FVD per class of the generated clips [C, N, T, 3, S, S] against the real test clips
-    (`labels` of the first len(labels) clips of `test`); none without I3D weights (said once)."""
+def _i3d(cfg, device):
+    """The FVD's I3D network, or None without its weights (said once a process)."""
     from kpscale.evaluate.fvd import FVD
     from kpscale.evaluate.i3d import load_i3d
     from kpscale.evaluate.weights import WeightsUnavailable
 
     try:
-        i3d = FVD(load_i3d(cfg.train.i3d), device)
+        return FVD(load_i3d(cfg.train.i3d), device)
     except WeightsUnavailable as exc:
         if str(exc) not in _SAID:
             _SAID.add(str(exc))
             log.warning("%s During training: train.i3d=PATH.", exc)
-        return {}
-    real = torch.cat([i3d.features(b["video"]) for b in fixed_batches(test, cfg.data, cfg.window, len(labels))])
-    fake = torch.stack([i3d.features(clips) for clips in generated])
-    return fvd_per_class(real, labels, fake, cfg.model.classes)
+        return None
 
 
 def fvd_per_class(real: torch.Tensor, labels: torch.Tensor, generated: torch.Tensor, classes) -> dict[str, float]:
