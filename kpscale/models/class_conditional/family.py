@@ -134,8 +134,7 @@ class ImageDiscriminatorLoss(nn.Module):
 
 class MotionLoss(nn.Module):
     """The cVAE's optimiser (eq. 5): KL + lambda_2 L1 of the reconstructed keypoint sequence +
-    lambda_3 fooling the sequence discriminator; with prior_adversarial_weight, kpscale's term:
-    a motion drawn from the prior fooling it too."""
+    lambda_3 fooling the sequence discriminator."""
 
     def __init__(self, net: ClassConditional):
         super().__init__()
@@ -151,17 +150,11 @@ class MotionLoss(nn.Module):
         cfg = self.cfg
         loss = cfg.kl_weight * terms["kl"] + cfg.l1_weight * terms["l1"] + cfg.sequence_adversarial_weight * \
             terms["adversarial"]
-        fakes = [out["reconstruction"]]
-        if cfg.prior_adversarial_weight:
-            fakes.append(self.motion_generator.sample(first, label, future.shape[1]))
-            terms["prior_adversarial"] = _real_or_fake(self.sequence_discriminator(fakes[1]), True)
-            loss = loss + cfg.prior_adversarial_weight * terms["prior_adversarial"]
-        return {"loss": loss, "terms": terms, "reconstruction": out["reconstruction"], "fakes": torch.cat(fakes)}
+        return {"loss": loss, "terms": terms, "reconstruction": out["reconstruction"]}
 
 
 class SequenceDiscriminatorLoss(nn.Module):
-    """The sequence discriminator's optimiser: pseudo-label sequences real, the cVAE's fake (its
-    reconstructions, and its prior's draws where MotionLoss makes them)."""
+    """The sequence discriminator's optimiser: pseudo-label sequences real, the cVAE's fake."""
 
     def __init__(self, net: ClassConditional):
         super().__init__()
@@ -205,7 +198,7 @@ class ClassConditionalFamily(Family):
             keypoints = self.pseudo_labels(batch)
             label = self.cfg.class_index(batch["label"]).to(keypoints.device)
             return {**engine(keypoints, label), "future": keypoints[:, 1:]}
-        return engine(outputs["generator"]["future"], outputs["generator"]["fakes"])
+        return engine(outputs["generator"]["future"], outputs["generator"]["reconstruction"])
 
     def pseudo_labels(self, batch: dict) -> Tensor:
         """The batch's detected keypoints [B, T, K, 2] in [-1, 1], from the pseudo-label shards' coords."""

@@ -64,10 +64,6 @@ class ClassConditionalConfig(Config):
     kl_weight: float = Field(1.0, ge=0)  # the KL term's weight (the paper: 1)
     l1_weight: float = Field(1000.0, ge=0)  # lambda_2 (official)
     sequence_adversarial_weight: float = Field(2.0, ge=0)  # lambda_3 (the paper)
-    # kpscale's, not the paper's (0 turns it off): the sequence discriminator also judges motions
-    # drawn from the prior, as SAVP's VAE-GAN does (Lee et al. 2018), so that what generation draws
-    # is pushed towards real motion and not only the reconstructions the L1 already pulls there.
-    prior_adversarial_weight: float = Field(0.0, ge=0)
     adam_beta1: float = Field(0.5, ge=0, lt=1)  # official: Adam(0.5, 0.999) for every network
 
     @model_validator(mode="after")
