@@ -84,14 +84,17 @@ def test_blur_spreads_each_clip_by_its_own_deviation():
     torch.testing.assert_close(ar.blur(flat, torch.tensor([3.0])), flat)  # borders replicated, no dark rim
 
 
-def test_a_second_call_loads_the_cached_classifier(classifier, actors, cache, caplog):
+def test_a_second_call_loads_the_cached_classifier(classifier, actors, cache, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger=ar.__name__)
+    monkeypatch.setattr(ar, "_LOADED", set())  # as in a fresh process
     spec = str(actors / "train")
     path = ar.cache_path(spec, CLASSES, WINDOW, cache_dir=cache, **TRAIN)
     assert [p.name for p in cache.iterdir()] == [path.name]  # no temp file left behind
     mtime = path.stat().st_mtime_ns
     loaded = ar.load_or_train(spec, CLASSES, WINDOW, cache_dir=cache, **{**TRAIN, "progress": True})
     assert path.stat().st_mtime_ns == mtime and "loaded from the cache" in caplog.text
+    ar.load_or_train(spec, CLASSES, WINDOW, cache_dir=cache, **TRAIN)  # said once a process, not per evaluation
+    assert caplog.text.count("loaded from the cache") == 1
     assert loaded.classes == CLASSES and not loaded.training
     clips = torch.rand(3, WINDOW, 3, 64, 64)
     assert torch.equal(loaded(clips), classifier.eval()(clips))

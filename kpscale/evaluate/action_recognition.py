@@ -40,6 +40,7 @@ matplotlib.use("Agg")  # files only: no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
 log = logging.getLogger(__name__)
+_LOADED: set = set()  # cache files whose loading has been said: an evaluation every 1000 steps needn't repeat it
 
 VERSION = 2  # part of the cache key: bump when the network or its training changes
 SIZE = 64  # frames are judged at this resolution
@@ -316,7 +317,9 @@ def load_or_train(spec: str, classes, window: int, cache_dir: str | Path | None 
     the window, every training setting (defaults included) and VERSION."""
     call, key, path = _plan(spec, classes, window, cache_dir, train_kwargs)
     if path.exists():
-        log.info("action classifier loaded from the cache: %s", path)
+        if path not in _LOADED:
+            _LOADED.add(path)
+            log.info("action classifier loaded from the cache: %s", path)
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved["key"] != key:
             raise RuntimeError(f"{path}: holds a classifier of key {saved['key']}, expected {key}")
