@@ -40,7 +40,7 @@ matplotlib.use("Agg")  # files only: no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
 log = logging.getLogger(__name__)
-_LOADED: set = set()  # cache files whose loading has been said: an evaluation every 1000 steps needn't repeat it
+_LOADED: set[Path] = set()  # cache files whose loading has been said: an evaluation every 1000 steps needn't repeat it
 
 VERSION = 2  # part of the cache key: bump when the network or its training changes
 SIZE = 64  # frames are judged at this resolution

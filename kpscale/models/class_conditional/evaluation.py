@@ -76,10 +76,11 @@ def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, c
         joints.append(batch["coords"].flatten(0, 1).to(device))
         train_labels += batch["label"]
     weights = tracking_error.fit(torch.cat(train).flatten(2).flatten(0, 1), torch.cat(joints))
-    errors, positions, psnr, video, firsts, labels, tests, drawn = [], [], [], None, [], [], [], []
+    errors, positions, psnr, video, firsts, labels, tests, drawn, real_features = [], [], [], None, [], [], [], [], []
     # No progress bar in a training worker: its carriage returns become lines of the job's log.
     judge = action_recognition.load_or_train(cfg.data.train, mcfg.classes, cfg.window, progress=False,
                                              **JUDGE).to(device) if motion else None
+    i3d = _i3d(cfg, device) if motion else None
     for batch in fixed_batches(test, cfg.data, cfg.window, clips):
         labels += batch["label"]
         clip = batch["video"].to(device, dtype)
@@ -95,6 +96,8 @@ def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, c
         firsts.append(clip[:, 0])
         if motion:  # the real motion as the translator draws it, from the first frame, judged batch by batch
             drawn.append(action_recognition.predict(judge, torch.cat([clip[:, :1].float(), translated[:, 1:]], 1)))
+        if i3d is not None:  # the real side of the FVD per class
+            real_features.append(i3d.features(batch["video"]))
         if video is None:  # the clip, its keypoints, and each frame translated from the first
             video = panel(batch["video"][0], None, translated[0].cpu(), 1, _with_presence(keypoints[0].cpu()),
                           mcfg.heatmap_size)
@@ -103,7 +106,6 @@ def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, c
                "psnr_translation": torch.cat(psnr).mean().item()}
     figures = {}
     if motion:
-        i3d = _i3d(cfg, device)
         shown, motions, matrix, fake, real = _recognition(net, judge, i3d, cfg, torch.cat(firsts), device)
         diversity, figures["diversity"] = _diversity(net, torch.cat(firsts)[:16], mcfg)
         figures["confusion"] = matrix
@@ -119,9 +121,7 @@ def snapshot(net, cfg, motion: bool, device: torch.device, dtype: torch.dtype, c
                                              (torch.cat(tests), test_labels), motions))
         video = _grid(shown.cpu())
         if i3d is not None:  # FVD per class: the generated clips of a class against its real test clips
-            real_features = torch.cat([i3d.features(b["video"])
-                                       for b in fixed_batches(test, cfg.data, cfg.window, len(labels))])
-            metrics.update(fvd_per_class(real_features, test_labels, fake, mcfg.classes))
+            metrics.update(fvd_per_class(torch.cat(real_features), test_labels, fake, mcfg.classes))
     net.train(was_training)
     return metrics, video, figures
 
@@ -154,7 +154,8 @@ def _recognition(net, judge, i3d, cfg, firsts: torch.Tensor, device: torch.devic
         shown.append(torch.cat(kept))
         motions.append(torch.cat(keypoints))
         recognised.append(torch.cat(judged))
-        features.append(torch.cat(feats) if feats else None)
+        if i3d is not None:
+            features.append(torch.cat(feats))
     requested = torch.arange(mcfg.num_classes).repeat_interleave(len(firsts))
     matrix = action_recognition.confusion_matrix(torch.cat(recognised).cpu(), requested, mcfg.num_classes)
     _, real = action_recognition.evaluate_real(judge, cfg.data.test or cfg.data.train, cfg.window,
