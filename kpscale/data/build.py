@@ -1,7 +1,7 @@
-"""Build a dataset from a card: plan clips, write shards in parallel processes, write manifests.
+"""Build a dataset from a card: plan clips, write shards as parallel Ray tasks, write manifests.
 
 Every clip is a pure function of (card, split, spec), so the output is the same for any number
-of processes, and a build that was interrupted resumes: shards already on disk are complete
+of workers, and a build that was interrupted resumes: shards already on disk are complete
 (they are renamed into place only when whole) and are kept; only missing ones are written.
 """
 
@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import yaml
@@ -58,11 +57,39 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _write(card_json: str, root: str | None, split: str, specs: list, path: str) -> list[dict]:
-    torch.set_num_threads(1)  # one core per build process
+    torch.set_num_threads(1)  # one core per build task
     card = DatasetCard.model_validate_json(card_json)
     source = SOURCES[card.source]
     clips = (source.make(card, root, split, spec) for spec in specs)
     return write_shard(Path(path), clips, card.name, card.encoding)
+
+
+def _run_on_ray(card_json: str, root: str | None, jobs: list, workers: int) -> Iterator[tuple[str, list[dict]]]:
+    """Write the shards of `jobs` as Ray tasks, at most `workers` at a time; yield (split, rows)
+    as each finishes. Joins the Ray this process already uses, or the cluster of RAY_ADDRESS
+    (set inside `ray job submit`), else starts a local Ray of `workers` CPUs, stopped at the end."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": workers}
+        ray.init(**local, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                 configure_logging=True)
+    task = ray.remote(num_cpus=1, max_retries=0)(_write)
+    queue, pending = list(jobs), {}
+    try:
+        while queue or pending:
+            while queue and len(pending) < workers:  # no more at once on a cluster either
+                split, chunk, path = queue.pop(0)
+                pending[task.remote(card_json, root, split, chunk, str(path))] = split
+            done, _ = ray.wait(list(pending), num_returns=1)
+            split = pending.pop(done[0])
+            yield split, ray.get(done[0])  # a task's error is raised here, with its traceback
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        if started:
+            ray.shutdown()
 
 
 def build(card: DatasetCard, out: str | Path, root: str | Path | None = None, progress: bool = True) -> dict:
@@ -89,7 +116,8 @@ def build(card: DatasetCard, out: str | Path, root: str | Path | None = None, pr
     if resumed:
         log.info("resuming: %d of %d clips already in %s", resumed, total, out)
     workers = min(card.workers or os.cpu_count() or 1, max(len(jobs), 1))
-    log.info("building %s: %d clips in %d shards with %d processes", card.name, total - resumed, len(jobs), workers)
+    where = "in this process" if workers == 1 else f"in {workers} Ray tasks at a time"
+    log.info("building %s: %d clips in %d shards %s", card.name, total - resumed, len(jobs), where)
     card_json = card.model_dump_json()
     with tqdm(total=total, initial=resumed, desc=f"building {card.name}", unit="clip", disable=not progress) as bar:
         if workers == 1:
@@ -97,14 +125,9 @@ def build(card: DatasetCard, out: str | Path, root: str | Path | None = None, pr
                 rows[split] += _write(card_json, root, split, chunk, str(path))
                 bar.update(len(chunk))
         else:
-            ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix
-            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                futures = {pool.submit(_write, card_json, root, split, chunk, str(path)): (split, len(chunk))
-                           for split, chunk, path in jobs}
-                for future in as_completed(futures):
-                    split, n = futures[future]
-                    rows[split] += future.result()
-                    bar.update(n)
+            for split, new_rows in _run_on_ray(card_json, root, jobs, workers):
+                rows[split] += new_rows
+                bar.update(len(new_rows))
     splits = {}
     for split, split_rows in rows.items():
         split_rows.sort(key=lambda r: (r["shard"], r["index"]))

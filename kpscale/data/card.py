@@ -95,6 +95,18 @@ class ActorsOptions(Config):
         return v
 
 
+class DmcsOptions(Config):
+    """A DeepMind Control Suite task (`domain`_`task`, e.g. cartpole_swingup) under random
+    actions; each stored frame follows `action_repeat` control steps under one held action.
+    Sidecars: actions[t] is applied after frame t, rewards[t] is the reward of frame t's state,
+    coords are the bodies' centres of mass in pixels (kpscale/data/sources/dmcs.py)."""
+
+    domain: str = "cartpole"
+    task: str = "swingup"
+    camera: int = Field(0, ge=0)  # the model's camera id (dm_control's camera_id)
+    action_repeat: int = Field(4, ge=1)
+
+
 class FolderOptions(Config):
     """How `convert` turns a folder of videos into clips."""
 
@@ -124,18 +136,19 @@ def _check_split_names(splits: dict) -> None:
 
 class DatasetCard(Config):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    source: Literal["basketball", "moving_mnist", "actors", "folder"]
+    source: Literal["basketball", "moving_mnist", "actors", "dmcs", "folder"]
     resolution: int = Field(64, ge=16, le=1024)
     clip_length: int = Field(32, ge=2)
     fps: float = Field(10.0, gt=0)  # folder: used for frame folders; videos keep their own
     splits: dict[str, int] = {}  # clips per split, for generated sources
     seed: int = 0
     clips_per_shard: int = Field(100, ge=1)
-    workers: int = Field(0, ge=0)  # build processes; 0: one per CPU core
+    workers: int = Field(0, ge=0)  # shards built at once; 1: in this process, more: Ray tasks; 0: one per CPU core
     encoding: Encoding = Encoding()
     basketball: BasketballOptions = BasketballOptions()
     moving_mnist: MovingMnistOptions = MovingMnistOptions()
     actors: ActorsOptions = ActorsOptions()
+    dmcs: DmcsOptions = DmcsOptions()
     folder: FolderOptions = FolderOptions()
 
     @field_validator("resolution")
@@ -172,4 +185,25 @@ class DatasetCard(Config):
             if any(round(f * MNIST_DIGITS) < m.digits for f in m.digit_fractions.values()):
                 raise ValueError(f"moving_mnist.digit_fractions: each split needs at least {m.digits} of the "
                                  f"{MNIST_DIGITS:,} digits, got {m.digit_fractions}")
+        if self.source == "dmcs":
+            _check_dmcs(self)
         return self
+
+
+def _check_dmcs(card: DatasetCard) -> None:
+    """The task exists, the camera too, and a clip fits in one episode. Imports MuJoCo, hence
+    only for dmcs cards."""
+    from kpscale.data.sources import dmcs
+
+    d = card.dmcs
+    name = f"{d.domain}_{d.task}"
+    if not dmcs.is_task(d.domain, d.task):
+        raise ValueError(f"dmcs.domain, dmcs.task: dm_control has no task {d.task!r} in domain {d.domain!r}; "
+                         f"valid (domain_task): {', '.join(dmcs.valid_tasks())}")
+    steps, cameras = dmcs.task_limits(d.domain, d.task)
+    if d.camera >= cameras:
+        raise ValueError(f"dmcs.camera: {name} has cameras 0 to {cameras - 1}, got {d.camera}")
+    if card.clip_length * d.action_repeat > steps:
+        raise ValueError(f"clip_length, dmcs.action_repeat: {card.clip_length} frames x {d.action_repeat} control "
+                         f"steps = {card.clip_length * d.action_repeat} steps, beyond {name}'s episode of {steps} "
+                         f"steps; lower clip_length or dmcs.action_repeat")

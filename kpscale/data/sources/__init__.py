@@ -24,6 +24,7 @@ def clip_rng(card, split: str, index: int) -> np.random.Generator:
 
 
 # After SourceError and the helpers, which the sources import from here.
-from kpscale.data.sources import actors, basketball, folder, moving_mnist  # noqa: E402
+from kpscale.data.sources import actors, basketball, dmcs, folder, moving_mnist  # noqa: E402
 
-SOURCES = {"basketball": basketball, "moving_mnist": moving_mnist, "actors": actors, "folder": folder}
+SOURCES = {"basketball": basketball, "moving_mnist": moving_mnist, "actors": actors, "dmcs": dmcs,
+           "folder": folder}
