@@ -1,11 +1,14 @@
 """python -m kpscale.predict --run RUN --video FILE [--observed 8] [--future 24] [--samples 5] [--move K:DX,DY] --out OUT.mp4
+python -m kpscale.predict --run RUN --video FILE --actions ACTIONS.npy --out OUT.mp4
 python -m kpscale.predict --run RUN --image FRAME.png --label wave [--future 16] --out OUT.mp4
 
 Loads a trained model (the `model/` artifacts a training run logs to MLflow, or a folder holding
 weights.pt and config.yaml), reads any video, observes its first frames and writes an mp4 with
 the input on the left and sampled futures beside it, keypoints drawn on every frame (for a
-model with keypoints). A class-conditional model (Kim et al.) animates one frame (--image, or a
-video's first frame) as the action --label names."""
+model with keypoints). An action-conditioned model (model.action_conditioned) rolls forward under
+the actions of --actions, an .npy [T, A] (a clip's actions.npy, or any others: a counterfactual).
+A class-conditional model (Kim et al.) animates one frame (--image, or a video's first frame) as
+the action --label names."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 
 from kpscale.config import ConfigError, positive
 from kpscale.data.card import Encoding
+from kpscale.data.shards import read_actions
 from kpscale.data.sources.folder import fit
 from kpscale.data.video import decode_mp4, encode_mp4
 from kpscale.evaluate.media import draw_keypoints, pixel_offsets, to_rgb
@@ -50,18 +54,28 @@ def _frames(model, cfg, decoded: torch.Tensor, states: torch.Tensor) -> list[np.
 
 @torch.no_grad()
 def predict(model, cfg, video: torch.Tensor, future: int, samples: int, observed: int | None = None,
-            moves: dict[int, tuple[float, float]] | None = None, seed: int = 0, label: str | None = None) -> np.ndarray:
+            moves: dict[int, tuple[float, float]] | None = None, seed: int = 0, label: str | None = None,
+            actions: np.ndarray | None = None) -> np.ndarray:
     """uint8 frames [T, H, (1 + samples) * W, 3]: the input, then each sampled future. With `moves`
     ({keypoint: (dx, dy) pixels}) the observed keypoints are shifted (paper Sec. 5.4) and the
     manipulated futures follow the original ones, drawn with the same noise, so the two differ
     only by the manipulation: [T, H, (1 + 2 * samples) * W, 3]. `label`: the action a
-    class-conditional model generates (one of its model.classes)."""
+    class-conditional model generates (one of its model.classes); `actions` [T, A]: what an
+    action-conditioned model rolls forward under."""
     classes = getattr(cfg.model, "classes", None)
     if classes and label is None:
         raise ConfigError(f"--label: a {cfg.model.name} model generates the action it is given, one of {list(classes)}")
     if label is not None and not classes:
         raise ConfigError(f"--label: a {cfg.model.name} model takes no action class")
     condition = {"label": cfg.model.class_index([label])} if classes else {}
+    conditioned = getattr(cfg.model, "action_conditioned", False)
+    if conditioned and actions is None:
+        raise ConfigError(f"--actions: the model is action-conditioned (model.action_size {cfg.model.action_size}): "
+                          "give the actions to roll forward under, an .npy [T, A] such as a clip's actions.npy")
+    if actions is not None and not conditioned:
+        raise ConfigError(f"--actions: a {cfg.model.name} model with model.action_conditioned false takes no actions")
+    if conditioned:
+        condition["actions"] = torch.from_numpy(np.asarray(actions, np.float32))[None]
     frames, _, _ = fit(video, cfg.model.image_size, "crop")
     clip = frames[None].float() / 255
     torch.manual_seed(seed)
@@ -76,7 +90,7 @@ def predict(model, cfg, video: torch.Tensor, future: int, samples: int, observed
             raise ConfigError(f"--move: a {cfg.model.name} model has no keypoints to move")
         offsets = pixel_offsets(moves, cfg.model.num_keypoints, cfg.model.heatmap_size, cfg.model.image_size)
         torch.manual_seed(seed)
-        states, decoded = model.sample_future(clip, future, samples, observed, offsets)
+        states, decoded = model.sample_future(clip, future, samples, observed, offsets, **condition)
         columns += _frames(model, cfg, decoded[0], states[0])
     return np.concatenate(columns, axis=2)
 
@@ -117,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--move", type=parse_move, action="append", default=[], metavar="K:DX,DY",
                         help="counterfactual: shift keypoint K by (DX, DY) pixels (x right, y down) in every observed "
                              "frame, and show the manipulated futures beside the original ones (repeatable)")
+    parser.add_argument("--actions", metavar="FILE.npy",
+                        help="actions [T, A] an action-conditioned model rolls forward under (T >= observed + future - 1)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--out", required=True, help="output mp4")
     parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
@@ -130,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         observed = args.observed or cfg.model.observed
         if len(video) < observed:
             raise ConfigError(f"{flag} {path}: {len(video)} frames, --observed is {observed}")
+        actions = read_actions(args.actions, "--actions") if args.actions else None
         frames = predict(model, cfg, video[:observed + args.future], args.future, args.samples, observed,
-                         dict(args.move), args.seed, args.label)
+                         dict(args.move), args.seed, args.label, actions)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

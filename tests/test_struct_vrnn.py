@@ -34,8 +34,8 @@ def test_shapes(size):
     maps = keypoints_to_maps(keypoints, h, cfg.keypoint_sigma)
     frames = decoder(maps, video[:, 0], maps[:, 0])
     assert frames.shape == video.shape
-    predicted, kl = VRNN(3 * cfg.num_keypoints, cfg)(keypoints, t, num_samples=cfg.num_samples)
-    assert predicted.shape == (b, t, k, 3) and kl.shape == (b, cfg.observed)
+    predicted, kl, hidden = VRNN(3 * cfg.num_keypoints, cfg)(keypoints, t, num_samples=cfg.num_samples)
+    assert predicted.shape == (b, t, k, 3) and kl.shape == (b, cfg.observed) and hidden.shape == (b, t, cfg.rnn_size)
 
     out = StructVRNN(cfg)(video, step=0)
     assert out["loss"].shape == () and torch.isfinite(out["loss"])
@@ -237,7 +237,7 @@ def test_latent_size_0_is_the_deterministic_struct_rnn():
     assert dynamics.prior is None and dynamics.posterior is None
     kp = torch.rand(2, cfg.steps, cfg.num_keypoints, 3)
     torch.manual_seed(0)
-    first, kl = dynamics(kp, cfg.steps, p_true=(0.5, 0.5))
+    first, kl, _ = dynamics(kp, cfg.steps, p_true=(0.5, 0.5))
     torch.manual_seed(1)
     second = dynamics(kp, cfg.steps, p_true=(0.0, 0.0))[0]
     assert (kl == 0).all() and kl.shape == (2, cfg.observed)

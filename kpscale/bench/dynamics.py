@@ -65,9 +65,9 @@ def measure(model: VRNN, test: torch.Tensor, observed: int, samples: int) -> dic
     keypoints on every step) errors."""
     model.eval()
     n, steps = test.shape[:2]
-    free, kl = model(test.repeat_interleave(samples, 0), steps, observed=observed)
+    free, kl, _ = model(test.repeat_interleave(samples, 0), steps, observed=observed)
     err = pixels(free.unflatten(0, (n, samples)), test[:, None])  # [n, S, T, K]
-    forced, _ = model(test, steps, p_true=(1.0, 1.0), observed=observed)
+    forced = model(test, steps, p_true=(1.0, 1.0), observed=observed)[0]
     forced_err = pixels(forced, test)  # [n, T, K]
     return {
         "best_predicted": err[:, :, observed:].mean(2).min(1).values.mean().item(),  # per object
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         for step in tqdm(range(args.steps), desc=f"beta {beta:g}", unit="step", leave=False):
             x = bouncing_dots(args.batch_size, steps, args.dots, batches)
-            predicted, kl = model(x, steps, cfg.p_true(step), cfg.num_samples)
+            predicted, kl, _ = model(x, steps, cfg.p_true(step), cfg.num_samples)
             loss = sequence_l2(predicted, x) + cfg.kl_weight(step) * kl.mean()
             optimizer.zero_grad()
             loss.backward()

@@ -56,6 +56,18 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def read_actions(path: str, what: str = "actions") -> np.ndarray:
+    """Actions float32 [T, A] from an .npy (a clip's actions.npy, or a user's); ValueError naming
+    `what` and the file otherwise."""
+    try:
+        actions = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{what} {path}: not a readable .npy ({exc})") from None
+    if actions.ndim != 2 or not np.issubdtype(actions.dtype, np.number):
+        raise ValueError(f"{what} {path}: expected numbers of shape [T, A], got {actions.dtype} {list(actions.shape)}")
+    return actions.astype(np.float32)
+
+
 def encode_sample(clip: Clip, dataset: str, enc: Encoding) -> dict[str, bytes | str]:
     t, c, h, w = clip.frames.shape
     meta = {"dataset": dataset, "fps": clip.fps, "frames": t, "height": h, "width": w, **clip.meta}

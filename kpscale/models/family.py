@@ -74,6 +74,12 @@ class Family:
         before it returned this step; `step` counts from the run's start."""
         raise NotImplementedError
 
+    @classmethod
+    def check_data(cls, cfg: Config, manifest: dict[str, list], spec: str) -> None:
+        """Refuse training data the model cannot use (ValueError naming the field and `spec`),
+        before any Ray resources are taken. `manifest`: the columns of the split's manifest
+        (kpscale.data.shards.MANIFEST_SCHEMA)."""
+
     def derive(self, name: str, video: Tensor) -> dict[str, np.ndarray]:
         """The sidecars (kpscale.data.shards.SIDECARS) of a clip [T, 3, H, W] in [0, 1] in the
         derived shards `name` of a stage (Stage.derived); the clip's other parts are copied."""

@@ -48,6 +48,10 @@ class VRNNConfig(Config):
     kl_anneal_steps: int = Field(1000, ge=0)  # beta ramps linearly from 0 (official)
     reconstruction_weight: float = Field(1.0, ge=0)
     future_weight: float = Field(1.0, ge=0)
+    # The paper's DeepMind Control Suite models (Sec. 5.5): the RNN also reads the action taken at
+    # each frame (the clips' actions [T, A], A = action_size), so futures roll out under actions.
+    action_conditioned: bool = False
+    action_size: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _samples_need_a_latent(self) -> VRNNConfig:
@@ -55,6 +59,31 @@ class VRNNConfig(Config):
             raise ValueError(f"num_samples ({self.num_samples}) must be 1 when latent_size is 0: "
                              "deterministic dynamics draw the same sample every time")
         return self
+
+    @model_validator(mode="after")
+    def _actions_have_a_size(self) -> VRNNConfig:
+        if self.action_conditioned and self.action_size == 0:
+            raise ValueError("action_conditioned needs action_size, the number of values in each of the data's "
+                             "actions (the manifest's action_dim, e.g. 6 for cheetah)")
+        if self.action_size and not self.action_conditioned:
+            raise ValueError(f"action_size is {self.action_size} but action_conditioned is false: set "
+                             "action_conditioned=true, or leave action_size out")
+        return self
+
+    def check_actions(self, actions: Tensor | None, batch: int, steps: int) -> Tensor | None:
+        """The actions the dynamics read over `steps` steps (None when the model takes none), after
+        checking them: [B, >= steps - 1, action_size] (the last step's action moves nothing shown)."""
+        if not self.action_conditioned:
+            return None
+        if actions is None:
+            raise ValueError("model.action_conditioned: the model rolls forward under actions and none were given "
+                             "(the clips have no actions.npy; kpscale.predict takes --actions FILE.npy)")
+        if actions.ndim != 3 or actions.shape[0] != batch or actions.shape[2] != self.action_size:
+            raise ValueError(f"actions of shape {list(actions.shape)}: model.action_size is {self.action_size}, so "
+                             f"expected [{batch}, T, {self.action_size}]")
+        if actions.shape[1] < steps - 1:
+            raise ValueError(f"{actions.shape[1]} actions for {steps} steps: need at least {steps - 1}")
+        return actions
 
     @property
     def steps(self) -> int:
@@ -114,7 +143,7 @@ class VRNN(nn.Module):
         super().__init__()
         self.observed = cfg.observed
         self.observed_input, self.delta = cfg.observed_input, cfg.keypoint_output == "delta"
-        self.rnn = nn.GRUCell(state_size + cfg.latent_size, cfg.rnn_size)
+        self.rnn = nn.GRUCell(state_size + cfg.latent_size + cfg.action_size, cfg.rnn_size)
         stochastic = cfg.latent_size > 0
         self.prior = GaussianHead(cfg.rnn_size, cfg.hidden_size, cfg.latent_size) if stochastic else None
         self.posterior = GaussianHead(cfg.rnn_size + state_size, cfg.hidden_size, cfg.latent_size) if stochastic else None
@@ -122,20 +151,26 @@ class VRNN(nn.Module):
                                      nn.Linear(cfg.hidden_size, state_size), nn.Tanh())
 
     def forward(self, states: Tensor, steps: int, p_true: tuple[float, float] = (0.0, 0.0),
-                num_samples: int = 1, observed: int | None = None) -> tuple[Tensor, Tensor]:
+                num_samples: int = 1, observed: int | None = None,
+                actions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Encoded states [B, T, ...] (keypoints [B, T, K, 3], or vectors [B, T, D]; T >=
         observed; they are the best-of-many and teacher-forcing targets while t < T) ->
-        predicted states [B, steps, ...] and the KL [B, observed]. Observed steps (the config's
-        unless given) sample the posterior, later steps the prior."""
+        predicted states [B, steps, ...], the KL [B, observed] and the RNN state each step's
+        prediction came from [B, steps, rnn_size] (the dynamics' latent state). Observed steps (the
+        config's unless given) sample the posterior, later steps the prior. `actions` [B, >= steps
+        - 1, A] (an action-conditioned model's, checked by VRNNConfig.check_actions): the RNN reads
+        step t's action with its state, so it moves the prediction of step t + 1."""
         b, known = states.shape[:2]
         observed = self.observed if observed is None else observed
         x = states.flatten(2).to(self.rnn.weight_ih.dtype)  # bf16 when the weights are (DeepSpeed bf16)
         h = x.new_zeros(b, self.rnn.hidden_size)
         last = x.new_zeros(b, x.shape[-1])  # the state the RNN read last
         rows = torch.arange(b, device=x.device)
-        outputs, kls = [], []
+        acted = None if actions is None else actions.to(x)
+        outputs, kls, hidden = [], [], []
         empty = (h[:, :0], h[:, :0])  # the latent of deterministic dynamics: no dimensions, KL 0
         for t in range(steps):
+            hidden.append(h)
             prior_mean, prior_std = self.prior(h) if self.prior else empty
             if t < observed:
                 mean, std = self.posterior(torch.cat([h, x[:, t]], -1)) if self.posterior else empty
@@ -159,8 +194,10 @@ class VRNN(nn.Module):
                 p = p_true[0] if t < observed else p_true[1]
                 # One coin per sequence (official: one per batch), for less gradient noise.
                 last = torch.where(torch.rand(b, 1, device=x.device) < p, x[:, t], pred) if p > 0 else pred
-            h = self.rnn(torch.cat([last, z], -1), h)
-        return torch.stack(outputs, 1).unflatten(2, states.shape[2:]).float(), torch.stack(kls, 1)
+            if t < steps - 1:
+                h = self.rnn(torch.cat([last, z] + ([] if acted is None else [acted[:, t]]), -1), h)
+        return (torch.stack(outputs, 1).unflatten(2, states.shape[2:]).float(), torch.stack(kls, 1),
+                torch.stack(hidden, 1).float())
 
 
 class VRNNVideoModel(nn.Module):
@@ -194,10 +231,11 @@ class VRNNVideoModel(nn.Module):
         the representation has no keypoints."""
         return None
 
-    def forward(self, video: Tensor, step: int, decode_predictions: bool = True) -> dict:
+    def forward(self, video: Tensor, step: int, decode_predictions: bool = True, actions: Tensor | None = None) -> dict:
         """video [B, T, 3, H, W] in [0, 1], T = observed + predicted; `step` drives the KL and
-        scheduled-sampling schedules. In eval mode the dynamics use one sample and no teacher
-        forcing (as official), so the state loss measures real predictions.
+        scheduled-sampling schedules; `actions` [B, T, A]: the clip's, which an action-conditioned
+        model needs (and any other ignores). In eval mode the dynamics use one sample and no
+        teacher forcing (as official), so the state loss measures real predictions.
 
         Returns loss, terms (unweighted), states and predicted_states [B, T, ...],
         reconstruction and (if decode_predictions) predicted_frames [B, T, 3, H, W] in [0, 1],
@@ -213,7 +251,8 @@ class VRNNVideoModel(nn.Module):
         target = states.detach()
         p_true = cfg.p_true(step) if self.training else (0.0, 0.0)
         num_samples = cfg.num_samples if self.training else 1
-        predicted, kl = self.dynamics(target, cfg.steps, p_true, num_samples)
+        actions = cfg.check_actions(actions, len(video), cfg.steps)
+        predicted, kl, _ = self.dynamics(target, cfg.steps, p_true, num_samples, actions=actions)
         terms = {"reconstruction": sequence_l2(reconstruction, frames), "kl": kl.mean(),
                  "future": sequence_l2(predicted, target),
                  **self.representation_terms(states, extras, frames, reconstruction)}
@@ -239,25 +278,44 @@ class VRNNVideoModel(nn.Module):
             raise ValueError(f"{type(self).__name__} has no keypoints to move")
         return states
 
+    def _rollout(self, video: Tensor, future: int, num_samples: int, observed: int | None,
+                 offsets: Tensor | None, actions: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The first `observed` frames [B, observed, 3, H, W] in [-0.5, 0.5], their encoded states,
+        and `num_samples` rollouts per clip of the dynamics over observed + future steps (rows
+        clip-major): predicted states [B * S, T, ...] and their RNN states [B * S, T, rnn_size]."""
+        observed = observed or self.cfg.observed
+        frames = video[:, :observed] - 0.5
+        encoded = self.encode(frames)[0]
+        actions = self.cfg.check_actions(actions, len(video), observed + future)
+        predicted, _, hidden = self.dynamics(
+            self.condition(encoded, offsets).repeat_interleave(num_samples, 0), observed + future, observed=observed,
+            actions=None if actions is None else actions.repeat_interleave(num_samples, 0))
+        return frames, encoded, predicted, hidden
+
     @torch.no_grad()
     def sample_future(self, video: Tensor, future: int, num_samples: int, observed: int | None = None,
-                      offsets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      offsets: Tensor | None = None, actions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Condition on the first `observed` frames (the config's unless given) of video
         [B, T, 3, H, W] and draw `num_samples` futures of `future` steps: states, flat,
         [B, S, observed + future, D] and frames [B, S, observed + future, 3, H, W] in [0, 1],
         without teacher forcing or best of many (they need the future), as the official code
-        does at test time. `offsets`: see `condition`."""
-        observed = observed or self.cfg.observed
-        frames = video[:, :observed] - 0.5
-        encoded = self.encode(frames)[0]
-        predicted = self.dynamics(self.condition(encoded, offsets).repeat_interleave(num_samples, 0),
-                                  observed + future, observed=observed)[0]
+        does at test time. `offsets`: see `condition`; `actions` [B, >= observed + future - 1, A]:
+        what an action-conditioned model rolls forward under."""
+        frames, encoded, predicted, _ = self._rollout(video, future, num_samples, observed, offsets, actions)
         # The renderer keeps the unmanipulated first frame and state as its reference.
         first = frames[:, 0].repeat_interleave(num_samples, 0)
         decoded = self.render(predicted, first, encoded[:, 0].repeat_interleave(num_samples, 0))
         b = video.shape[0]
         return (predicted.flatten(2).unflatten(0, (b, num_samples)),
                 (decoded + 0.5).clamp(0, 1).unflatten(0, (b, num_samples)))
+
+    @torch.no_grad()
+    def latent_states(self, video: Tensor, future: int, num_samples: int, actions: Tensor | None = None) -> Tensor:
+        """The dynamics' latent state (the RNN state each step's prediction comes from) over the
+        observed frames of video [B, T, 3, H, W] and `future` steps sampled after them:
+        [B, S, observed + future, rnn_size]. What a downstream model (reward prediction) reads."""
+        hidden = self._rollout(video, future, num_samples, None, None, actions)[3]
+        return hidden.unflatten(0, (video.shape[0], num_samples))
 
 
 class VRNNFamily(Family):
@@ -280,8 +338,17 @@ class VRNNFamily(Family):
     def optimiser(self, name: str) -> Optimiser:
         return Optimiser(self.root)
 
+    @classmethod
+    def check_data(cls, cfg: VRNNConfig, manifest: dict[str, list], spec: str) -> None:
+        if not cfg.action_conditioned:
+            return
+        sizes = sorted(set(manifest["action_dim"]))
+        if sizes != [cfg.action_size]:
+            found = "no actions" if sizes == [0] else f"actions of {' or '.join(map(str, sizes))} values"
+            raise ValueError(f"model.action_size is {cfg.action_size}, but the clips of {spec} have {found}")
+
     def loss(self, stage, optimiser, engine, batch, step, outputs) -> dict:
-        return engine(batch["video"], step, decode_predictions=False)
+        return engine(batch["video"], step, decode_predictions=False, actions=batch.get("actions"))
 
     def evaluate(self, cfg, stage, device, dtype):
         from kpscale.evaluate.snapshot import evaluate

@@ -46,9 +46,26 @@ def dataset_name(spec: str) -> str:
     return Path(spec).name
 
 
+def check_data(cfg: TrainConfig) -> None:
+    """The model family's check of the training data against its config, from the split's
+    manifest (a local one: remote shards are checked batch by batch as they stream)."""
+    from kpscale.data.shards import read_manifest
+    from kpscale.models import FAMILIES
+
+    spec = Path(cfg.data.train)
+    manifest = spec if spec.suffix == ".parquet" else spec / MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        FAMILIES[cfg.model.name].check_data(cfg.model, read_manifest(manifest).to_pydict(), cfg.data.train)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def run(cfg: TrainConfig):
     """Join the Ray cluster (RAY_ADDRESS, the job's cluster, else a new local one) and train."""
     log.info("config:\n%s", summary(cfg))
+    check_data(cfg)
     start_ray()
     check_fits_cluster(cfg)
     return fit(cfg)
