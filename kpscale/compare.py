@@ -27,8 +27,8 @@ import numpy as np
 from kpscale import logs
 from kpscale.config import ConfigError, validate
 from kpscale.data.stream import DataError
-from kpscale.evaluate.__main__ import (Evaluation, add_evaluation_options, evaluate_model, held_out_clips,
-                                       log_evaluation, metric_networks, prepare)
+from kpscale.evaluate.__main__ import (Evaluation, add_evaluation_options, evaluate_model, first_frame,
+                                       held_out_clips, log_evaluation, metric_networks, prepare)
 from kpscale.evaluate.evaluator import EvaluateConfig
 
 log = logging.getLogger("kpscale.compare")
@@ -42,7 +42,8 @@ T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 HEADLINE = ["tracking_error_predicted", "tracking_error_no_dynamics", "tracking_error_below_no_dynamics",
             "tracking_error_observed",
             "tracking_error_null", "objects_found", "psnr_closest", "psnr_furthest", "ssim_closest", "ssim_furthest",
-            "vgg_cosine_closest", "vgg_cosine_furthest", "fvd"]
+            "vgg_cosine_closest", "vgg_cosine_furthest", "fvd", "reward_error_predicted", "reward_error_observed",
+            "reward_mse_predicted", "reward_mse_null"]
 
 
 def interval(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +95,7 @@ def headline_table(models: dict[str, dict]) -> str:
     return _format([header, *rows])
 
 
-def curve_table(models: dict[str, dict], name: str, first_frame: int) -> str:
+def curve_table(models: dict[str, dict], name: str, start: int) -> str:
     """Per frame, each model's mean ± interval of curve `name` (frames where it has a value)."""
     length = max(len(m["curves"][name][0]) for m in models.values() if name in m["curves"])
     header = ["frame", *models]
@@ -103,7 +104,7 @@ def curve_table(models: dict[str, dict], name: str, first_frame: int) -> str:
         cells = [_cell(m["curves"][name][0][i], m["curves"][name][1][i])
                  if name in m["curves"] and np.isfinite(m["curves"][name][0][i]) else "-" for m in models.values()]
         if any(c != "-" for c in cells):
-            rows.append([str(first_frame + i), *cells])
+            rows.append([str(start + i), *cells])
     return _format([header, *rows])
 
 
@@ -193,18 +194,15 @@ CURVES = {"tracking_predicted": "tracking error px, predicted (best of the sampl
           "tracking_below_no_dynamics": "tracking error px below no dynamics (no dynamics - predicted; paired per run)",
           "psnr_closest": "PSNR dB, closest sample", "psnr_furthest": "PSNR dB, furthest sample",
           "ssim_closest": "SSIM, closest sample", "ssim_furthest": "SSIM, furthest sample",
-          "vgg_cosine_closest": "VGG cosine, closest sample", "vgg_cosine_furthest": "VGG cosine, furthest sample"}
-
-
-def _first_frame(name: str, observed: int) -> int:
-    return 1 if name.startswith("tracking") else observed + 1  # tracking curves span the whole clip
+          "vgg_cosine_closest": "VGG cosine, closest sample", "vgg_cosine_furthest": "VGG cosine, furthest sample",
+          "reward_error": "reward prediction error / null model's (mean training reward)"}
 
 
 def _report(models: dict[str, dict], observed: int) -> str:
     parts = ["mean ± 95% interval over each model's runs", headline_table(models)]
     for name, title in CURVES.items():
         if any(name in m["curves"] for m in models.values()):
-            parts += [f"{title}, per frame", curve_table(models, name, _first_frame(name, observed))]
+            parts += [f"{title}, per frame", curve_table(models, name, first_frame(name, observed))]
     return "\n\n".join(parts)
 
 
@@ -241,7 +239,10 @@ def _log(ecfgs: dict, results: dict[str, Evaluation], labels: dict[str, str], mo
                         lines = {f"{label}, no dynamics": m["curves"]["tracking_no_dynamics"]
                                  for label, m in models.items() if "tracking_no_dynamics" in m["curves"]}
                         lines["null model"] = next(m["curves"]["tracking_null"] for m in models.values())
-                    comparison_plot(curves, lines, _first_frame(name, observed), observed, title, out / f"{name}.png")
+                    if name == "reward_error":
+                        ones = np.ones_like(next(iter(curves.values()))[0])
+                        lines["null model"] = (ones, np.zeros_like(ones))
+                    comparison_plot(curves, lines, first_frame(name, observed), observed, title, out / f"{name}.png")
             (out / "comparison.txt").write_text(report + "".join(f"\nnote: {n}" for n in dict.fromkeys(notes)) + "\n")
             mlflow.log_artifacts(folder, artifact_path="comparison")
         return parent.info.run_id

@@ -5,7 +5,10 @@ per predicted step (of the closest and furthest sample of each clip, chosen by V
 similarity, or PSNR without VGG weights), VGG cosine similarity (with VGG weights), and
 the tracking error (a linear regression from the model's states: keypoints, or CNN-VRNN's
 feature vector) on observed and predicted frames (best of N) against the null model and "no
-dynamics". Results go to MLflow as a run nested under the training run (or a new run when --run
+dynamics", and, where the clips have rewards, the reward prediction error per step from the
+dynamics' latent state, normalised to the null model's (kpscale.evaluate.reward_prediction). An
+action-conditioned model rolls forward under each clip's actions, or those of --actions FILE.npy.
+Results go to MLflow as a run nested under the training run (or a new run when --run
 is a folder): metrics, per-frame curves, PNG plots, a keypoint model's trajectories as Parquet
 and the summary table printed at the end. With --workers N > 1 the clips are split over
 N Ray tasks (a local Ray, or the cluster in RAY_ADDRESS).
@@ -60,6 +63,8 @@ def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help=f"Ray tasks to split the clips over (default {DEFAULTS['workers'].default})")
     parser.add_argument("--cpus-per-worker", type=int, help=f"CPUs per Ray task (default {DEFAULTS['cpus_per_worker'].default})")
     parser.add_argument("--seed", type=int, help=f"sampling seed (default {DEFAULTS['seed'].default})")
+    parser.add_argument("--actions", help="an .npy of actions [T, A] to roll every clip forward under, in place of "
+                        "its own (an action-conditioned model; T >= observed + future - 1)")
     parser.add_argument("--per-clip", action="store_true",
                         help="pick the best sample per clip, not per object (the paper's Human3.6M rule)")
     parser.add_argument("--i3d", help="i3d_pretrained_400.pt for FVD (default $KPSCALE_I3D_WEIGHTS; none: no FVD)")
@@ -90,8 +95,32 @@ def _fit(model, cfg, ecfg: EvaluateConfig):
         return None, None, reason
 
 
-def _remote_part(state: dict, cfg_dict: dict, ecfg_dict: dict, weights, positions, use_i3d: bool, use_vgg: bool,
-                 rank: int, world: int) -> PartResult:
+def _fit_reward(model, cfg, ecfg: EvaluateConfig):
+    """The reward model fitted on the training clips' rollouts, or (None, reason) when the data
+    has no rewards."""
+    from kpscale.evaluate import reward_prediction
+    from kpscale.evaluate.snapshot import fixed_batches
+
+    spec = ecfg.fit_data or cfg.data.train
+    future = ecfg.future or cfg.model.predicted
+    try:
+        first = next(fixed_batches(spec, cfg.data.model_copy(update={"batch_size": 1}), None, 1))
+        if "rewards" not in first:
+            return None, None  # a dataset without rewards: nothing to say
+        batches = fixed_batches(spec, cfg.data.model_copy(update={"batch_size": ecfg.batch_size}),
+                                cfg.model.observed + future, ecfg.fit_clips)
+        log.info("fitting the reward model on the latent states of %d training clips' rollouts", ecfg.fit_clips)
+        latent, rewards = reward_prediction.rollouts(model, batches, future, ecfg.samples, torch.device("cpu"),
+                                                     ecfg.given_actions())
+        return reward_prediction.fit(latent, rewards, ecfg.seed), None
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        reason = f"reward prediction unavailable: {exc}"
+        log.warning("%s", reason)
+        return None, reason
+
+
+def _remote_part(state: dict, cfg_dict: dict, ecfg_dict: dict, weights, positions, reward_model,
+                 use_i3d: bool, use_vgg: bool, rank: int, world: int) -> PartResult:
     """One Ray task: rebuild the model and metric networks there, evaluate its part."""
     from kpscale.evaluate.fvd import FVD
     from kpscale.evaluate.frames import load_vgg
@@ -105,13 +134,14 @@ def _remote_part(state: dict, cfg_dict: dict, ecfg_dict: dict, weights, position
     model = family.predictor()
     i3d = FVD(load_i3d(ecfg.i3d), "cpu") if use_i3d else None
     vgg = load_vgg(ecfg.vgg) if use_vgg else None
-    return evaluate_part(model.eval(), cfg, ecfg, weights, positions, i3d, vgg, rank, world)
+    return evaluate_part(model.eval(), cfg, ecfg, weights, positions, reward_model, i3d, vgg, rank, world)
 
 
-def _run_parts(model, cfg, ecfg: EvaluateConfig, weights, positions, i3d, vgg, total: int) -> list[PartResult]:
+def _run_parts(model, cfg, ecfg: EvaluateConfig, weights, positions, reward_model, i3d, vgg,
+               total: int) -> list[PartResult]:
     if ecfg.workers == 1:
         with tqdm(total=total, unit="clip", desc="evaluating") as bar:
-            return [evaluate_part(model, cfg, ecfg, weights, positions, i3d, vgg, 0, 1, bar)]
+            return [evaluate_part(model, cfg, ecfg, weights, positions, reward_model, i3d, vgg, 0, 1, bar)]
     import ray
 
     from kpscale.train.launch import start_ray
@@ -120,7 +150,7 @@ def _run_parts(model, cfg, ecfg: EvaluateConfig, weights, positions, i3d, vgg, t
     parts = min(4 * ecfg.workers, total)
     task = ray.remote(num_cpus=ecfg.cpus_per_worker)(_remote_part)
     shared = [ray.put(x) for x in (model.state_dict(), cfg.model_dump(mode="json"), ecfg.model_dump(mode="json"))]
-    pending = [task.remote(*shared, weights, positions, i3d is not None, vgg is not None, rank, parts)
+    pending = [task.remote(*shared, weights, positions, reward_model, i3d is not None, vgg is not None, rank, parts)
                for rank in range(parts)]
     results = []
     with tqdm(total=parts, unit="part", desc=f"evaluating on {ecfg.workers} Ray workers") as bar:
@@ -131,6 +161,12 @@ def _run_parts(model, cfg, ecfg: EvaluateConfig, weights, positions, i3d, vgg, t
     return results
 
 
+def first_frame(curve: str, observed: int) -> int:
+    """The frame a per-frame curve starts at: tracking and reward curves span the whole clip,
+    frame metrics the predicted frames."""
+    return 1 if curve.startswith(("tracking", "reward")) else observed + 1
+
+
 def log_evaluation(ecfg: EvaluateConfig, result: Evaluation, parent_run_id: str | None = None) -> str:
     """Everything to MLflow: a run nested under `parent_run_id`, else under the training run when
     --run is a run id."""
@@ -139,7 +175,7 @@ def log_evaluation(ecfg: EvaluateConfig, result: Evaluation, parent_run_id: str 
     import mlflow
 
     from kpscale.evaluate.media import save_gif
-    from kpscale.evaluate.plots import diversity_plot, tracking_plot
+    from kpscale.evaluate.plots import diversity_plot, per_frame_plot
     from kpscale.evaluate.trajectories import write_trajectories
     from kpscale.tracking import tracking_uri
 
@@ -156,7 +192,7 @@ def log_evaluation(ecfg: EvaluateConfig, result: Evaluation, parent_run_id: str 
         obs = cfg.model.observed
         by_frame: dict[int, dict[str, float]] = {}  # per-frame curves, the frame number as MLflow's step
         for name, curve in curves.items():
-            first = 1 if name.startswith("tracking") else obs + 1  # tracking curves span the whole clip
+            first = first_frame(name, obs)
             for i, value in enumerate(curve):
                 if math.isfinite(value):
                     by_frame.setdefault(first + i, {})[f"{name}_by_frame"] = float(value)
@@ -173,7 +209,12 @@ def log_evaluation(ecfg: EvaluateConfig, result: Evaluation, parent_run_id: str 
                           "tracking_predicted": f"predicted, best of {ecfg.samples}",
                           "tracking_no_dynamics": "no dynamics (last observed held)",
                           "tracking_null": "null model (mean positions)"}
-                tracking_plot({label: curves[name] for name, label in labels.items()}, obs, out / "tracking.png")
+                per_frame_plot({label: curves[name] for name, label in labels.items()}, obs, "tracking error (px)",
+                               "keypoints -> object positions (linear regression)", out / "tracking.png")
+            if "reward_error" in curves:
+                per_frame_plot({cfg.model.name: curves["reward_error"]}, obs, "reward error / null model's",
+                               "reward from the dynamics' latent state", out / "reward_prediction.png",
+                               reference=("null model (mean training reward)", 1.0))
             if any(p.tables for p in parts):  # keypoint models
                 write_trajectories([t for p in parts for t in p.tables], out / "trajectories.parquet")
             (out / "summary.txt").write_text(table + "".join(f"\n{n}" for n in notes) + "\n")
@@ -197,7 +238,11 @@ def summary_table(metrics: dict[str, float], samples: int, criterion: str | None
               "tracking_error_no_dynamics": "tracking error px, no dynamics",
               "tracking_error_below_no_dynamics": "  predicted below no dynamics, px",
               "tracking_error_null": "tracking error px, null model",
-              "objects_found": "objects with a keypoint on them"}
+              "objects_found": "objects with a keypoint on them",
+              "reward_error_predicted": "reward error / null model's, predicted",
+              "reward_error_observed": "reward error / null model's, observed",
+              "reward_mse_predicted": "reward squared error, predicted",
+              "reward_mse_null": "reward squared error, null model"}
     rows += [(label, f"{metrics[key]:.4g}") for key, label in labels.items() if key in metrics]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value:>10}" for name, value in rows)
@@ -243,7 +288,24 @@ def prepare(ecfg: EvaluateConfig):
         raise ConfigError(f"{ecfg.run}: a {cfg.model.name} model is evaluated during its training (its MLflow run's "
                           "metrics, videos and figures); kpscale.evaluate scores models that predict observed clips")
     _check_length(ecfg, cfg)
+    _check_actions(ecfg, cfg)
     return model, cfg
+
+
+def _check_actions(ecfg: EvaluateConfig, cfg) -> None:
+    """Refuse --actions a model cannot roll forward under, before any work is done."""
+    try:
+        given = ecfg.given_actions()
+        if given is None:
+            return
+        if not getattr(cfg.model, "action_conditioned", False):
+            raise ValueError(f"--actions: a {cfg.model.name} model with model.action_conditioned false takes no actions")
+        try:
+            cfg.model.check_actions(given, 1, cfg.model.observed + (ecfg.future or cfg.model.predicted))
+        except ValueError as exc:
+            raise ValueError(f"--actions {ecfg.actions}: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def metric_networks(ecfg: EvaluateConfig) -> tuple[object, object, list[str]]:
@@ -261,9 +323,13 @@ def evaluate_model(model, cfg, ecfg: EvaluateConfig, total: int, i3d, vgg, notes
     """Evaluate `total` held-out clips (`held_out_clips`)."""
     notes = list(notes)
     weights, positions, note = _fit(model, cfg, ecfg)
-    notes += [note] if note else []
+    reward_model, reward_note = _fit_reward(model, cfg, ecfg)
+    notes += [n for n in (note, reward_note) if n]
+    if ecfg.actions:
+        notes.append(f"every clip rolled forward under the actions of {ecfg.actions}, not its own: errors "
+                     "against the clips' frames and rewards measure that counterfactual")
     log.info("evaluating %s on %d clips of %s: %d sampled futures each", ecfg.run, total, ecfg.data, ecfg.samples)
-    parts = _run_parts(model, cfg, ecfg, weights, positions, i3d, vgg, total)
+    parts = _run_parts(model, cfg, ecfg, weights, positions, reward_model, i3d, vgg, total)
     metrics, curves = summarise(parts, cfg.model.observed, cfg.model.image_size)
     if "fvd" in metrics and metrics["clips"] < FVD_MIN_CLIPS:
         notes.append(f"FVD from {metrics['clips']:.0f} clips: below {FVD_MIN_CLIPS} the covariance of its "
@@ -279,10 +345,13 @@ def _showcase(model, cfg, ecfg: EvaluateConfig) -> tuple[dict[str, np.ndarray], 
     from kpscale.evaluate.media import panel
     from kpscale.evaluate.snapshot import fixed_batches
 
-    clips = torch.cat([batch["video"] for batch in fixed_batches(ecfg.data, cfg.data, cfg.window, 6)])
+    batches = list(fixed_batches(ecfg.data, cfg.data, cfg.window, 6))
+    clips = torch.cat([batch["video"] for batch in batches])
     figures = {name: image.numpy() for name, image in model.figures(clips).items()} if hasattr(model, "figures") else {}
     torch.manual_seed(ecfg.seed)
-    _, frames = model.sample_future(clips[:1], cfg.model.predicted, 1)
+    given, own = ecfg.given_actions(), batches[0].get("actions")
+    actions = given if given is not None else None if own is None else own[:1]
+    _, frames = model.sample_future(clips[:1], cfg.model.predicted, 1, actions=actions)
     return figures, panel(clips[0], None, frames[0, 0], cfg.model.observed)
 
 

@@ -12,8 +12,10 @@ import torch
 from pydantic import Field
 
 from kpscale.config import Config
-from kpscale.evaluate import frames, tracking_error
+from kpscale.data.shards import read_actions
+from kpscale.evaluate import frames, reward_prediction, tracking_error
 from kpscale.evaluate.fvd import FVD, fvd
+from kpscale.evaluate.reward_prediction import RewardModel
 from kpscale.evaluate.snapshot import fixed_batches
 from kpscale.evaluate.trajectories import trajectory_table
 from kpscale.train.config import TrainConfig
@@ -33,8 +35,15 @@ class EvaluateConfig(Config):
     per_object: bool = True  # best sample chosen per object (the paper's Basketball rule)
     i3d: str | None = None  # i3d_pretrained_400.pt; None: $KPSCALE_I3D_WEIGHTS, else FVD is unavailable
     vgg: str | None = None  # torchvision vgg16 weights; None: $KPSCALE_VGG_WEIGHTS, else no VGG cosine
+    # An .npy of actions [T, A] every clip is rolled forward under, in place of its own (an
+    # action-conditioned model's counterfactual); None: each clip's actions.
+    actions: str | None = None
     tracking_uri: str | None = None
     seed: int = 0
+
+    def given_actions(self) -> torch.Tensor | None:
+        """The actions of `actions` as [1, T, A], or None."""
+        return None if self.actions is None else torch.from_numpy(read_actions(self.actions, "--actions"))[None]
 
 
 @dataclass
@@ -50,21 +59,24 @@ class PartResult:
 
 @torch.no_grad()
 def evaluate_part(model, cfg: TrainConfig, ecfg: EvaluateConfig, weights: torch.Tensor | None,
-                  fit_positions: torch.Tensor | None, i3d: FVD | None, vgg, rank: int, world: int,
-                  progress=None) -> PartResult:
+                  fit_positions: torch.Tensor | None, reward_model: RewardModel | None, i3d: FVD | None, vgg,
+                  rank: int, world: int, progress=None) -> PartResult:
     """Evaluate part `rank` of `world` of the first `ecfg.clips` held-out clips (all when None) on
     the model's device.
-    `weights` is the tracking regression (None when the data has no coordinates); `i3d` (an FVD
-    feature extractor) and `vgg` may be None."""
+    `weights` is the tracking regression (None when the data has no coordinates), `reward_model`
+    the reward prediction's (None when the data has no rewards); `i3d` (an FVD feature extractor)
+    and `vgg` may be None."""
     torch.manual_seed(ecfg.seed + rank)
     device = next(model.parameters()).device
     obs, pred, size = cfg.model.observed, ecfg.future or cfg.model.predicted, cfg.model.image_size
     data = cfg.data.model_copy(update={"batch_size": ecfg.batch_size})
+    given = ecfg.given_actions()
     out = PartResult()
     for batch in fixed_batches(ecfg.data, data, obs + pred, ecfg.clips, rank, world):
         video = batch["video"].to(device)
+        actions = batch.get("actions") if given is None else given.expand(len(video), -1, -1)
         encoded = model.represent(video)  # [B, T, D]: every frame, for tracking and export
-        sampled, generated = model.sample_future(video, pred, ecfg.samples)  # [B, S, T, ...]
+        sampled, generated = model.sample_future(video, pred, ecfg.samples, actions=actions)  # [B, S, T, ...]
         b, s = sampled.shape[:2]
         truth = video[:, None, obs:].expand(-1, s, -1, -1, -1, -1).flatten(0, 1)
         futures = generated[:, :, obs:].flatten(0, 1)
@@ -76,6 +88,11 @@ def evaluate_part(model, cfg: TrainConfig, ecfg: EvaluateConfig, weights: torch.
             out.add("i3d_real", i3d.features(video))
             out.add("i3d_fake", torch.stack([i3d.features(torch.cat([video[:, :obs], generated[:, n, obs:]], 1))
                                              for n in range(s)], 1))  # [B, S, D]
+        if reward_model is not None:
+            latent, rewards = reward_prediction.rollouts(model, [batch], pred, ecfg.samples, device, given)
+            error, null = reward_prediction.squared_errors(reward_model, latent, rewards)
+            out.add("reward_error", error)  # [B, T]
+            out.add("reward_null_error", null)
         detected = model.keypoints(encoded)  # [B, T, K, 3], None for a model without keypoints
         if weights is not None:
             coords = batch["coords"].to(device)
@@ -143,4 +160,10 @@ def summarise(parts: list[PartResult], observed: int, image_size: int) -> tuple[
         metrics["tracking_error_below_no_dynamics"] = (metrics["tracking_error_no_dynamics"]
                                                        - metrics["tracking_error_predicted"])
         curves["tracking_below_no_dynamics"] = curves["tracking_no_dynamics"] - curves["tracking_predicted"]
+    if "reward_error" in arrays:  # normalised per step over the clips (the paper's Figure 9), NaN at step 0
+        curves["reward_error"] = arrays["reward_error"].mean(0) / arrays["reward_null_error"].mean(0)
+        for name, steps in (("observed", slice(1, observed)), ("predicted", slice(observed, None))):
+            metrics[f"reward_error_{name}"] = float(np.mean(curves["reward_error"][steps]))
+        metrics["reward_mse_predicted"] = float(arrays["reward_error"][:, observed:].mean())
+        metrics["reward_mse_null"] = float(arrays["reward_null_error"][:, observed:].mean())
     return metrics, curves

@@ -37,13 +37,17 @@ def diversity_plot(metrics: dict[str, tuple[np.ndarray, np.ndarray]], first_step
     return _save(fig, path)
 
 
-def tracking_plot(curves: dict[str, np.ndarray], observed: int, path: str | Path) -> Path:
-    """Tracking error in pixels per frame {label: [T] (NaN where a curve has no value)}."""
+def per_frame_plot(curves: dict[str, np.ndarray], observed: int, ylabel: str, title: str, path: str | Path,
+                   reference: tuple[str, float] | None = None) -> Path:
+    """A metric per frame {label: [T] (NaN where a curve has no value)}, with the observed
+    frames shaded and an optional horizontal reference line (label, value)."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     _mark_observed(ax, observed)
     for label, values in curves.items():
         ax.plot(np.arange(1, len(values) + 1), values, "o-", ms=3, label=label)
-    ax.set(xlabel="frame", ylabel="tracking error (px)", title="keypoints -> object positions (linear regression)")
+    if reference:
+        ax.axhline(reference[1], color="k", ls="--", lw=1, label=reference[0])
+    ax.set(xlabel="frame", ylabel=ylabel, title=title)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -66,3 +70,4 @@ def comparison_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], lines: dic
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
+

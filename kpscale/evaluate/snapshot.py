@@ -74,14 +74,15 @@ def evaluate(model, cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
         if keypoints is not None:
             nearest.append(tracking_error.nearest_keypoint_distance(keypoints[:, :obs], coords[:, :obs],
                                                                     mcfg.heatmap_size, mcfg.image_size))
-        sampled, _ = model.sample_future(clip, mcfg.predicted, mcfg.num_samples)
+        sampled, _ = model.sample_future(clip, mcfg.predicted, mcfg.num_samples, actions=batch.get("actions"))
         predicted.append(tracking_error.best_of_samples(weights, sampled[:, :, obs:].float(),
                                                         coords[:, obs:]).mean(1))
         held.append(tracking_error.per_step_errors(
             weights, tracking_error.no_dynamics(states[:, :obs], mcfg.predicted), coords[:, obs:]).mean(1))
         positions.append(coords)
         if video is None:
-            out = model(clip[:1], step=0)
+            actions = batch.get("actions")
+            out = model(clip[:1], step=0, actions=None if actions is None else actions[:1])
             drawn = model.keypoints(out["states"][0].flatten(1))
             video = panel(batch["video"][0], out["reconstruction"][0], out["predicted_frames"][0], obs, drawn,
                           None if drawn is None else mcfg.heatmap_size)
