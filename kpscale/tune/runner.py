@@ -16,11 +16,12 @@ def run_sweep(sweep: Sweep) -> dict:
     from ray import tune
 
     from kpscale.tracking import git_commit, open_run, tracking_uri
-    from kpscale.train.launch import check_fits_cluster, dataset_name, start_ray, with_default_data
+    from kpscale.train.launch import check_data, check_fits_cluster, dataset_name, start_ray, with_default_data
     from kpscale.tune.report import summarise
     from kpscale.tune.trial import LAST_STEP, run_trial
 
     base = with_default_data(sweep.base_config)  # before any Ray resources: may build the default data
+    check_data(base)
     uri = tracking_uri(base.tracking.uri)
     # Trials run in their own working folders: every path they see must be absolute.
     sweep.values.update({"data.train": _absolute(base.data.train), "data.test": _absolute(base.data.test),
