@@ -3,6 +3,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -119,6 +120,25 @@ def registered_step(folder: Path) -> int:
     except (FileNotFoundError, json.JSONDecodeError, KeyError):  # not written yet, or being rewritten
         return 0
     return int((latest or {}).get("metrics", {}).get("step", 0))
+
+
+def train_at_once(commands: dict[str, list[str]], common: list[str]) -> dict[str, str]:
+    """`python -m kpscale.train ARGS COMMON` for each {name: ARGS}, all at once (a run's Ray Train
+    launch waits on process starts more than it computes); the MLflow run id of each, once every
+    one has finished successfully."""
+    trainings = {name: subprocess.Popen([sys.executable, "-m", "kpscale.train", *args, *common], cwd=ROOT,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for name, args in commands.items()}
+    try:
+        outputs = {name: training.communicate(timeout=300)[0] for name, training in trainings.items()}
+    finally:
+        for training in trainings.values():
+            training.kill()
+    runs = {}
+    for name, output in outputs.items():
+        assert trainings[name].returncode == 0, output[-3000:]
+        runs[name] = re.search(r"finished at step \d+: MLflow run (\w+)", output).group(1)
+    return runs
 
 
 def exit_status(main, *args: str) -> int:

@@ -1,7 +1,6 @@
 """Action-conditioned dynamics (Struct-VRNN and CNN-VRNN on the DeepMind Control Suite) and the
 reward prediction from their latent state."""
 
-import re
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ from kpscale.evaluate import reward_prediction
 from kpscale.models.cnn_vrnn.model import CNNVRNN, CNNVRNNConfig
 from kpscale.models.struct_vrnn.model import StructVRNN, StructVRNNConfig, StructVRNNFamily
 from kpscale.predict import predict
-from conftest import ROOT, TINY_MODEL, exit_status
+from conftest import ROOT, TINY_MODEL, exit_status, train_at_once
 
 TINY = dict(filters=4, rnn_size=16, hidden_size=16, num_samples=3, observed=4, predicted=4, layers_per_scale=1,
             action_conditioned=True, action_size=2)
@@ -70,7 +69,7 @@ def test_a_mismatched_or_missing_action_is_refused_with_the_sizes():
     # The family checks the data before training (kpscale.train.launch.check_data).
     cfg = model.cfg
     StructVRNNFamily.check_data(cfg, {"action_dim": [2, 2]}, "data/x/train")
-    with pytest.raises(ValueError, match=r"model.action_size is 2, but the clips of data/x/train have actions of 6"):
+    with pytest.raises(ValueError, match=r"model.action_size is 2, but the clips of data/x/train have actions of size 6"):
         StructVRNNFamily.check_data(cfg, {"action_dim": [6, 6]}, "data/x/train")
     with pytest.raises(ValueError, match="have no actions"):
         StructVRNNFamily.check_data(cfg, {"action_dim": [0]}, "data/x/train")
@@ -132,7 +131,7 @@ def test_training_refuses_data_whose_actions_do_not_fit_the_model_before_ray_sta
     assert exit_status(main, "--config", str(STRUCT_DMCS), *TINY_MODEL, f"data.train={cartpole / 'train'}",
                        "model.action_size=6") == 2
     err = capsys.readouterr().err
-    assert f"model.action_size is 6, but the clips of {cartpole / 'train'} have actions of 1 values" in err, err
+    assert f"model.action_size is 6, but the clips of {cartpole / 'train'} have actions of size 1" in err, err
     assert not ray.is_initialized()
 
 
@@ -148,18 +147,7 @@ def test_both_models_train_on_actions_and_compare_reports_their_reward_predictio
               "train.eval_clips=4", f"train.storage={tmp_path / 'runs'}", f"tracking.uri={uri}"]
     tiny = [o for o in TINY_MODEL if not o.startswith("model.num_keypoints")]
     commands = {"struct": ["--config", str(STRUCT_DMCS), *TINY_MODEL], "cnn": ["--config", str(CNN_DMCS), *tiny]}
-    trainings = {name: subprocess.Popen([sys.executable, "-m", "kpscale.train", *args, *common], cwd=ROOT,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for name, args in commands.items()}
-    try:
-        outputs = {name: training.communicate(timeout=300)[0] for name, training in trainings.items()}
-    finally:
-        for training in trainings.values():
-            training.kill()
-    runs = []
-    for name, output in outputs.items():
-        assert trainings[name].returncode == 0, output[-3000:]
-        runs.append(re.search(r"finished at step 4: MLflow run (\w+)", output).group(1))
+    runs = list(train_at_once(commands, common).values())
     result = subprocess.run([sys.executable, "-m", "kpscale.compare", *runs, "--data", str(cartpole / "test"),
                              "--samples", "2", "--fit-clips", "12", "--tracking-uri", uri],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -219,6 +219,23 @@ def test_future_predicts_beyond_the_training_horizon(trained_run, basketball, ca
     assert "--future 30" in err and "20 frames" in err
 
 
+def test_start_evaluates_later_windows_and_refuses_one_past_the_clips_end(trained_run, basketball, capsys):
+    """--start 12: the held-out and fitted windows begin at frame 12 of every clip, so the
+    tracking error is that of frames 13-20 (another figure than from frame 1); --start 13 with 8
+    frames to score runs past the 20-frame clips and is refused naming the numbers."""
+    first = evaluate(trained_run, basketball, "--clips", "4", weights=False)
+    later = evaluate(trained_run, basketball, "--clips", "4", "--start", "12", weights=False)
+    assert first.returncode == later.returncode == 0, later.stderr[-3000:]
+    client = mlflow.MlflowClient(trained_run["uri"])
+    m0, m12 = (client.get_run(r.stdout.strip().rsplit(" ", 1)[-1]).data.metrics for r in (first, later))
+    assert m12["clips"] == 4 and m12["tracking_error_null"] != m0["tracking_error_null"]
+    from kpscale.evaluate.__main__ import main
+    assert exit_status(main, "--run", trained_run["run_id"], "--data", str(basketball / "test"), "--start", "13",
+                       "--clips", "4", "--tracking-uri", trained_run["uri"]) == 2
+    err = capsys.readouterr().err
+    assert "from --start 13" in err and "20 frames, 13 skipped + 4 observed + 4 predicted need 21" in err
+
+
 @pytest.mark.slow
 def test_compare_pools_seeds_of_a_model_and_logs_the_runs_as_children(basketball, tmp_path):
     data = [f"data.train={basketball / 'train'}"]

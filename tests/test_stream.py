@@ -67,6 +67,23 @@ def test_window_crops_the_sidecars_with_the_frames(basketball):
         torch.testing.assert_close(b["video"][i], a["video"][i, s:s + 5])
 
 
+@pytest.mark.parametrize("frames", [True, False])
+def test_a_fixed_window_starts_where_it_is_told(basketball, frames):
+    """Evaluation's windows (random_window False) start at window_start in every clip, with the
+    frames and without them (a stage that reads only sidecars); one that does not fit is skipped."""
+    fixed = dict(batch_size=10, num_workers=0, shuffle=False, random_window=False)
+    full = next(iter(ClipLoader(str(basketball / "test"), LoaderConfig(**fixed))))
+    part = next(iter(ClipLoader(str(basketball / "test"), LoaderConfig(**fixed, window_start=12, frames=frames),
+                                window=5)))
+    assert part["key"] == full["key"] and part["start"].tolist() == [12] * 10
+    torch.testing.assert_close(part["coords"], full["coords"][:, 12:17])
+    if frames:
+        torch.testing.assert_close(part["video"], full["video"][:, 12:17])
+    late = ClipLoader(str(basketball / "test"), LoaderConfig(**fixed, window_start=18, frames=frames), window=5)
+    with pytest.raises(DataError, match="no readable clips"):  # 20-frame clips: frames 18-22 do not exist
+        next(iter(late))
+
+
 def test_ranks_and_workers_cover_every_sample_exactly_once(basketball):
     cfg = LoaderConfig(batch_size=3, num_workers=2, even=False, drop_last=False, shuffle_buffer=8)
     keys = [k for rank in range(3) for k in keys_of(ClipLoader(str(basketball / "train"), cfg, 4, rank, 3))]

@@ -20,7 +20,7 @@ from PIL import Image
 from kpscale.models import build_family
 from kpscale.predict import load_trained
 from kpscale.train.config import load_train_config
-from conftest import CNN_VRNN, ROOT, TINY_MODEL, exit_status, registered_step, run_main
+from conftest import CNN_VRNN, ROOT, TINY_MODEL, exit_status, registered_step, run_main, train_at_once
 
 TINY = [*TINY_MODEL, "data.batch_size=2", "data.num_workers=0", "train.warmup_steps=1", "train.log_every=2"]
 
@@ -246,19 +246,8 @@ def baselines(basketball, tmp_path_factory):
               "train.eval_every=4", "train.eval_clips=8", f"train.storage={folder / 'runs'}", f"tracking.uri={uri}"]
     commands = {"struct_rnn": [*TINY, "model.latent_size=0", "model.num_samples=1"],
                 "cnn_vrnn": [*(o for o in TINY if not o.startswith("model.num_keypoints")), "--config", str(CNN_VRNN)]}
-    # Both at once: a run's Ray Train launch waits on process starts more than it computes.
-    trainings = {name: subprocess.Popen([sys.executable, "-m", "kpscale.train", *args, *common], cwd=ROOT,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for name, args in commands.items()}
-    try:
-        outputs = {name: training.communicate(timeout=300)[0] for name, training in trainings.items()}
-    finally:
-        for training in trainings.values():
-            training.kill()
     runs = {}
-    for name, output in outputs.items():
-        assert trainings[name].returncode == 0, output[-3000:]
-        run_id = re.search(r"finished at step \d+: MLflow run (\w+)", output).group(1)
+    for name, run_id in train_at_once(commands, common).items():
         evaluated = run_main(evaluate_main, "--run", run_id, "--data", str(basketball / "test"), *SCORING,
                              "--tracking-uri", uri)
         assert evaluated.returncode == 0, evaluated.stderr[-3000:]

@@ -69,7 +69,8 @@ class LoaderConfig(Config):
     even: bool = True  # the same number of batches on every rank (needed by training)
     drop_last: bool = True  # drop each worker's last partial batch
     decode_device: Literal["cpu", "cuda"] = "cpu"  # cuda: NVDEC, needs yuv420p shards
-    random_window: bool = True  # False: each clip's first frames, the same whatever the split (evaluation)
+    random_window: bool = True  # False: each clip's frames from window_start on, the same every time (evaluation)
+    window_start: int = Field(0, ge=0)  # with random_window False: the first frame of every window
     frames: bool = True  # False: batches of labels and sidecars only, no video decoded (a stage that trains on keypoints)
     seed: int = 0
 
@@ -204,23 +205,26 @@ def plan_pieces(shards: list[ShardRef], lo: int, hi: int) -> list[tuple[ShardRef
     return pieces
 
 
-def _decode(key: str, parts: dict[str, bytes], window: int | None, rng, device: str, frames: bool = True) -> dict:
+def _decode(key: str, parts: dict[str, bytes], window: int | None, rng, device: str, frames: bool = True,
+            first: int = 0) -> dict:
+    """One sample's frames and sidecars over a window: a random one when `rng` is given, else the
+    one from frame `first`."""
     sidecars = {name: np.load(io.BytesIO(parts[f"{name}.npy"]), allow_pickle=False)
                 for name in SIDECARS if f"{name}.npy" in parts}
     if frames:
         if "mp4" not in parts:
             raise DataError("sample has no mp4")
-        video, start = decode_window(parts["mp4"], window, rng, device)
+        video, start = decode_window(parts["mp4"], window, rng, device, first)
         sample = {"key": key, "start": start, "video": video.float().div_(255)}
         length, what = len(video), "the video"
     else:
         if not sidecars:
             raise DataError(f"sample has no sidecar ({', '.join(SIDECARS)}) to read without its frames")
         steps = min(len(a) for a in sidecars.values())
-        length = steps if window is None else window
-        if steps < length:
-            raise DataError(f"sample has {steps} steps, the window needs {length}")
-        start = int(rng.integers(steps - length + 1)) if rng is not None else 0
+        length = steps - first if window is None else window
+        if steps < first + length or length < 1:
+            raise DataError(f"sample has {steps} steps, the window needs {first + length}")
+        start = int(rng.integers(steps - length + 1)) if rng is not None else first
         sample, what = {"key": key, "start": start}, "the window"
     for name, array in sidecars.items():
         if array.shape[0] < start + length:
@@ -290,7 +294,7 @@ class ClipStream(IterableDataset):
         for url, key, parts in self._shuffled(self._raw(rng, worker, workers), rng):
             try:
                 batch.append(_decode(key, parts, self.window, rng if self.cfg.random_window else None,
-                                     self.cfg.decode_device, self.cfg.frames))
+                                     self.cfg.decode_device, self.cfg.frames, self.cfg.window_start))
             except Exception as exc:
                 log.warning("skipping sample %s in shard %s: %s", key, url, exc)
                 self.skipped["samples"] += 1

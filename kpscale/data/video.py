@@ -37,17 +37,17 @@ def decode_mp4(data: bytes | str, start: int = 0, stop: int | None = None, step:
     return decoder.get_frames_in_range(start, stop, step).data
 
 
-def decode_window(data: bytes, window: int | None, rng, device: str = "cpu") -> tuple[torch.Tensor, int]:
-    """A random run of `window` consecutive frames (all frames when None; the first ones when rng
-    is None), and its first index."""
+def decode_window(data: bytes, window: int | None, rng, device: str = "cpu", first: int = 0) -> tuple[torch.Tensor, int]:
+    """A random run of `window` consecutive frames (all frames from `first` when None; the run from
+    frame `first` when rng is None), and its first index."""
     from torchcodec.decoders import VideoDecoder
 
     decoder = VideoDecoder(data, dimension_order="NCHW", num_ffmpeg_threads=1, device=device)
     count = decoder.metadata.num_frames
-    window = count if window is None else window
-    if count < window:
-        raise ValueError(f"clip has {count} frames, the window needs {window}")
-    start = int(rng.integers(count - window + 1)) if rng is not None else 0
+    window = count - first if window is None else window
+    if count < window or (rng is None and count < first + window) or window < 1:
+        raise ValueError(f"clip has {count} frames, the window needs {window}" + (f" from frame {first}" if first else ""))
+    start = int(rng.integers(count - window + 1)) if rng is not None else first
     return decoder.get_frames_in_range(start, start + window).data, start
 
 

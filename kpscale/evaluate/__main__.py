@@ -57,6 +57,8 @@ def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, help=f"sampled futures per clip (default {DEFAULTS['samples'].default})")
     parser.add_argument("--future", type=int, help="predicted steps, beyond training's if larger; the clips "
                         "need observed + future frames (default: the model's model.predicted)")
+    parser.add_argument("--start", type=int, help="the frame of each clip the observed frames start at, in the "
+                        f"held-out and the fitted clips alike (default {DEFAULTS['start'].default}: the first)")
     parser.add_argument("--clips", type=int, help="evaluate at most this many held-out clips (default: all)")
     parser.add_argument("--fit-clips", type=int, help=f"training clips to fit the regression (default {DEFAULTS['fit_clips'].default})")
     parser.add_argument("--batch-size", type=int, help=f"clips per forward pass (default {DEFAULTS['batch_size'].default})")
@@ -251,12 +253,15 @@ def summary_table(metrics: dict[str, float], samples: int, criterion: str | None
 def _check_length(ecfg: EvaluateConfig, cfg) -> None:
     """Refuse a window longer than the first held-out clip, rather than skip every clip."""
     from kpscale.evaluate.snapshot import fixed_batches
-    needed = cfg.model.observed + (ecfg.future or cfg.model.predicted)
-    frames = next(fixed_batches(ecfg.data, cfg.data.model_copy(update={"batch_size": 1}), None, 1))["video"].shape[1]
+    needed = ecfg.start + cfg.model.observed + (ecfg.future or cfg.model.predicted)
+    loader = cfg.data.model_copy(update={"batch_size": 1, "window_start": 0})
+    frames = next(fixed_batches(ecfg.data, loader, None, 1))["video"].shape[1]
     if frames < needed:
         flag = f"--future {ecfg.future}" if ecfg.future else f"model.predicted {cfg.model.predicted}"
-        raise ConfigError(f"{flag}: the clips of {ecfg.data} have {frames} frames, {cfg.model.observed} observed "
-                          f"+ {needed - cfg.model.observed} predicted need {needed}")
+        flag += f" from --start {ecfg.start}" if ecfg.start else ""
+        skipped = f"{ecfg.start} skipped + " if ecfg.start else ""
+        raise ConfigError(f"{flag}: the clips of {ecfg.data} have {frames} frames, {skipped}{cfg.model.observed} "
+                          f"observed + {needed - ecfg.start - cfg.model.observed} predicted need {needed}")
 
 
 @dataclass
@@ -284,6 +289,7 @@ def prepare(ecfg: EvaluateConfig):
     from kpscale.predict import load_trained
 
     model, cfg = load_trained(ecfg.run, ecfg.tracking_uri)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"window_start": ecfg.start})})
     if not hasattr(model, "represent"):  # generates from a class, predicts no observed clip's future
         raise ConfigError(f"{ecfg.run}: a {cfg.model.name} model is evaluated during its training (its MLflow run's "
                           "metrics, videos and figures); kpscale.evaluate scores models that predict observed clips")

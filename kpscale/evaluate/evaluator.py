@@ -27,6 +27,7 @@ class EvaluateConfig(Config):
     fit_data: str | None = None  # training shards for the tracking regression; None: the run's data.train
     samples: int = Field(10, ge=1)  # sampled futures per clip (the paper: 50 for tracking)
     future: int | None = Field(None, ge=1)  # predicted steps; None: the model's model.predicted
+    start: int = Field(0, ge=0)  # the frame of every clip (held-out and fitted) where its window starts
     clips: int | None = Field(None, ge=1)  # held-out clips to evaluate; None: all
     fit_clips: int = Field(256, ge=1)
     batch_size: int = Field(8, ge=1)

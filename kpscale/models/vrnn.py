@@ -344,7 +344,7 @@ class VRNNFamily(Family):
             return
         sizes = sorted(set(manifest["action_dim"]))
         if sizes != [cfg.action_size]:
-            found = "no actions" if sizes == [0] else f"actions of {' or '.join(map(str, sizes))} values"
+            found = "no actions" if sizes == [0] else f"actions of size {' or '.join(map(str, sizes))}"
             raise ValueError(f"model.action_size is {cfg.action_size}, but the clips of {spec} have {found}")
 
     def loss(self, stage, optimiser, engine, batch, step, outputs) -> dict:
