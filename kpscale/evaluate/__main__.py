@@ -32,7 +32,8 @@ from tqdm import tqdm
 from kpscale import logs
 from kpscale.config import ConfigError, validate
 from kpscale.data.stream import DataError, resolve_shards
-from kpscale.evaluate.evaluator import EvaluateConfig, PartResult, evaluate_part, selection_criterion, summarise
+from kpscale.evaluate.evaluator import (EvaluateConfig, PartResult, evaluate_part, rollout_actions,
+                                        selection_criterion, summarise)
 from kpscale.evaluate.weights import WeightsUnavailable
 
 log = logging.getLogger("kpscale.evaluate")
@@ -98,11 +99,13 @@ def _fit(model, cfg, ecfg: EvaluateConfig):
 
 
 def _fit_reward(model, cfg, ecfg: EvaluateConfig):
-    """The reward model fitted on the training clips' rollouts, or (None, reason) when the data
-    has no rewards."""
+    """The reward model fitted on the training clips' rollouts; (None, None) when the data has no
+    rewards or the model no latent dynamics state, (None, reason) when it cannot be fitted."""
     from kpscale.evaluate import reward_prediction
     from kpscale.evaluate.snapshot import fixed_batches
 
+    if not hasattr(model, "latent_states"):  # no dynamics state to read the reward from
+        return None, None
     spec = ecfg.fit_data or cfg.data.train
     future = ecfg.future or cfg.model.predicted
     try:
@@ -355,9 +358,9 @@ def _showcase(model, cfg, ecfg: EvaluateConfig) -> tuple[dict[str, np.ndarray], 
     clips = torch.cat([batch["video"] for batch in batches])
     figures = {name: image.numpy() for name, image in model.figures(clips).items()} if hasattr(model, "figures") else {}
     torch.manual_seed(ecfg.seed)
-    given, own = ecfg.given_actions(), batches[0].get("actions")
-    actions = given if given is not None else None if own is None else own[:1]
-    _, frames = model.sample_future(clips[:1], cfg.model.predicted, 1, actions=actions)
+    first = {name: value[:1] for name, value in batches[0].items() if name in ("video", "actions")}
+    _, frames = model.sample_future(clips[:1], cfg.model.predicted, 1,
+                                    **rollout_actions(cfg, first, ecfg.given_actions()))
     return figures, panel(clips[0], None, frames[0, 0], cfg.model.observed)
 
 

@@ -47,6 +47,15 @@ class EvaluateConfig(Config):
         return None if self.actions is None else torch.from_numpy(read_actions(self.actions, "--actions"))[None]
 
 
+def rollout_actions(cfg: TrainConfig, batch: dict, given: torch.Tensor | None) -> dict:
+    """What an action-conditioned model rolls a batch forward under, as `sample_future`'s
+    keyword: the clips' own actions, or `given` [1, T, A] for every clip; nothing for a model
+    that takes no actions."""
+    if not getattr(cfg.model, "action_conditioned", False):
+        return {}
+    return {"actions": batch.get("actions") if given is None else given.expand(len(batch["video"]), -1, -1)}
+
+
 @dataclass
 class PartResult:
     """Per-clip arrays of one part; `summarise` concatenates them along the clip axis."""
@@ -75,9 +84,9 @@ def evaluate_part(model, cfg: TrainConfig, ecfg: EvaluateConfig, weights: torch.
     out = PartResult()
     for batch in fixed_batches(ecfg.data, data, obs + pred, ecfg.clips, rank, world):
         video = batch["video"].to(device)
-        actions = batch.get("actions") if given is None else given.expand(len(video), -1, -1)
         encoded = model.represent(video)  # [B, T, D]: every frame, for tracking and export
-        sampled, generated = model.sample_future(video, pred, ecfg.samples, actions=actions)  # [B, S, T, ...]
+        sampled, generated = model.sample_future(video, pred, ecfg.samples,
+                                                 **rollout_actions(cfg, batch, given))  # [B, S, T, ...]
         b, s = sampled.shape[:2]
         truth = video[:, None, obs:].expand(-1, s, -1, -1, -1, -1).flatten(0, 1)
         futures = generated[:, :, obs:].flatten(0, 1)

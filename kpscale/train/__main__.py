@@ -10,7 +10,9 @@ Shipped configs (model.name picks the family):
   kpscale/models/struct_vrnn/configs/basketball_cpu_rnn.yaml  Struct-RNN baseline (deterministic)
   kpscale/models/struct_vrnn/configs/paper_basketball.yaml    the paper's settings, K=12 (GPU-sized)
   kpscale/models/struct_vrnn/configs/paper_human36m.yaml      the paper's settings, K=48 (GPU-sized)
+  kpscale/models/struct_vrnn/configs/dmcs_cpu.yaml            Struct-VRNN, action-conditioned, DMCS cartpole swing-up
   kpscale/models/cnn_vrnn/configs/basketball_cpu.yaml         CNN-VRNN baseline (no keypoints)
+  kpscale/models/cnn_vrnn/configs/dmcs_cpu.yaml               CNN-VRNN baseline, action-conditioned, DMCS cartpole
   kpscale/models/drnet/configs/moving_mnist_cpu.yaml          DrNet on Moving MNIST, CPU-sized, both stages
   kpscale/models/drnet/configs/paper_moving_mnist.yaml        DrNet, the official settings (GPU-sized)
   kpscale/models/drnet/configs/kth.yaml                       DrNet on a converted video folder (data/kth)
