@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from ray._private.utils import get_num_cpus
 
 from kpscale.config import ConfigError
 from kpscale.train.config import load_train_config
@@ -137,7 +138,10 @@ def test_tiny_sweep_asha_mlflow_best_config_and_restore(basketball, tmp_path):
     # result at its first rung and ASHA stops it there; the sweep is interrupted as the third
     # trial starts. (Tune does not save ASHA's rungs, so a poor trial started after the restore
     # would have nothing to be compared with.)
-    grid = ["space={train.lr: {grid: [0.01, 1.0e-7, 0.01]}}", "max_concurrent_trials=1", "train.steps=8"]
+    # Each trial's worker takes every CPU of the cluster, so that a placement group a finished
+    # trial left behind would hold the next trial back.
+    grid = ["space={train.lr: {grid: [0.01, 1.0e-7, 0.01]}}", "max_concurrent_trials=1", "train.steps=8",
+            f"train.cpus_per_worker={get_num_cpus()}"]
     log = tmp_path / "first.log"
     with open(log, "w") as out:
         first = subprocess.Popen(_sweep(basketball, tmp_path, *grid), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)

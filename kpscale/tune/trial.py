@@ -73,7 +73,14 @@ def run_trial(params: dict[str, Any], sweep: Sweep, parent_run_id: str) -> None:
             # Tune refuses a result without its metric: the loss terms come at the first log line,
             # the evaluation's at the first evaluation, a later stage's (DrNet's psnr_predicted) in that stage.
             continue
-        _report({**metrics, LAST_STEP: metrics["step"] >= cfg.train.steps}, trial, run_name, path)
+        last = metrics["step"] >= cfg.train.steps
+        if last:
+            # Tune stops the trial at this report, killing its actor and the Train controller the
+            # actor owns. Killed while it shuts down, the controller leaves its workers' placement
+            # group holding their CPUs, and the next trial waits for them forever (Tune with Train
+            # V2, ray-project/ray#54305): let fit() end first.
+            worker.join()
+        _report({**metrics, LAST_STEP: last}, trial, run_name, path)
     if "error" in outcome:
         raise outcome["error"]
 
