@@ -115,8 +115,9 @@ def _fit_reward(model, cfg, ecfg: EvaluateConfig):
         batches = fixed_batches(spec, cfg.data.model_copy(update={"batch_size": ecfg.batch_size}),
                                 cfg.model.observed + future, ecfg.fit_clips)
         log.info("fitting the reward model on the latent states of %d training clips' rollouts", ecfg.fit_clips)
+        given = ecfg.given_actions()
         latent, rewards = reward_prediction.rollouts(model, batches, future, ecfg.samples, torch.device("cpu"),
-                                                     ecfg.given_actions())
+                                                     lambda batch: rollout_actions(cfg, batch, given))
         return reward_prediction.fit(latent, rewards, ecfg.seed), None
     except (DataError, ValueError, FileNotFoundError) as exc:
         reason = f"reward prediction unavailable: {exc}"

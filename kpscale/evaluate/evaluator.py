@@ -99,7 +99,8 @@ def evaluate_part(model, cfg: TrainConfig, ecfg: EvaluateConfig, weights: torch.
             out.add("i3d_fake", torch.stack([i3d.features(torch.cat([video[:, :obs], generated[:, n, obs:]], 1))
                                              for n in range(s)], 1))  # [B, S, D]
         if reward_model is not None:
-            latent, rewards = reward_prediction.rollouts(model, [batch], pred, ecfg.samples, device, given)
+            latent, rewards = reward_prediction.rollouts(model, [batch], pred, ecfg.samples, device,
+                                                         lambda b: rollout_actions(cfg, b, given))
             error, null = reward_prediction.squared_errors(reward_model, latent, rewards)
             out.add("reward_error", error)  # [B, T]
             out.add("reward_null_error", null)

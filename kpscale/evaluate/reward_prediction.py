@@ -16,7 +16,7 @@ steps) with early stopping on a tenth of those clips.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -45,17 +45,16 @@ class RewardModel(nn.Module):
 
 @torch.no_grad()
 def rollouts(model, batches: Iterable[dict], future: int, samples: int, device: torch.device,
-             actions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+             actions_of: Callable[[dict], dict]) -> tuple[Tensor, Tensor]:
     """Latent states [M, S, T, H] of `samples` rollouts of each clip (observed frames, then
-    `future` steps under the clip's actions, or `actions` [T, A] for every clip) and the clips'
+    `future` steps under the actions `actions_of(batch)` gives as keywords) and the clips'
     rewards [M, T]."""
     latent, rewards = [], []
     for batch in batches:
         if "rewards" not in batch:
             raise ValueError("reward prediction needs the clips' rewards (rewards.npy); these clips have none")
         video = batch["video"].to(device)
-        acted = batch.get("actions") if actions is None else actions.expand(len(video), -1, -1)
-        latent.append(model.latent_states(video, future, samples, acted).float().cpu())
+        latent.append(model.latent_states(video, future, samples, **actions_of(batch)).float().cpu())
         rewards.append(batch["rewards"][:, :latent[-1].shape[2]].float())
     return torch.cat(latent), torch.cat(rewards)
 
