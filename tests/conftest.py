@@ -63,11 +63,15 @@ def ray_head():
     (temp / "torch_extensions" / "deepspeed_shm_comm" / "lock").touch()
     env = {"RAY_AUTH_MODE": "disabled", "TORCH_EXTENSIONS_DIR": str(temp / "torch_extensions"),
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    dashboard = free_port()
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
          f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp / 'ray'}", "--disable-usage-stats"],
-        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # Its workers (Ray Train's placement-group cleaners) find its dashboard even while a
+        # test's command runs a Ray of its own beside it (kpscale.train.launch.start_ray).
+        env={**os.environ, **env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)  # the head's daemons share this process group, which teardown ends
     output = head.communicate(timeout=180)[0]
     if head.returncode != 0:

@@ -76,10 +76,23 @@ def start_ray() -> None:
 
     The local Ray keeps its dashboard: Ray Train's placement-group cleaner asks the dashboard's
     state API every second whether the controller still lives (its run-state actor asks it too),
-    and without it prints a warning each time."""
-    import ray
+    and without it prints a warning each time. Its workers are told that dashboard's address:
+    left to find it, the cleaner fails when another Ray runs on the machine (a test session's,
+    a local cluster) and leaves a killed controller's workers' CPUs taken, so that the next
+    Train run (a sweep's next trial) waits for them forever."""
+    import socket
 
-    ray.init(logging_level=logging.WARNING)
+    import ray
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if canonicalize_bootstrap_address(None) is not None:  # RAY_ADDRESS, or the Ray `ray start` began here
+        ray.init(logging_level=logging.WARNING)
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(logging_level=logging.WARNING, dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
 
 
 def summary(cfg: TrainConfig) -> str:
