@@ -1,5 +1,6 @@
 import io
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -7,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pytest
 import torch
 
@@ -229,3 +231,76 @@ def test_clear_errors(basketball, tmp_path):
         ClipLoader(str(basketball / "test"), LoaderConfig(batch_size=64), 4)
     with pytest.raises(ValueError, match="outside world size"):
         ClipLoader(str(basketball / "test"), LoaderConfig(batch_size=1), 4, rank=2, world_size=2)
+
+
+def assert_same_bytes(expected: list[dict], got: list[dict]) -> None:
+    assert len(got) == len(expected) > 0
+    for a, b in zip(expected, got):
+        assert a["key"] == b["key"] and a["start"].tolist() == b["start"].tolist()
+        for name in ("video", "coords"):
+            assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape
+            assert a[name].numpy().tobytes() == b[name].contiguous().numpy().tobytes(), name
+
+
+@pytest.mark.parametrize("window, how", [(8, {}), (None, {"random_window": False, "window_start": 3})])
+def test_cached_frames_give_the_same_batches_byte_for_byte(basketball, tmp_path, window, how):
+    """Random windows (the same draws as decoding) and fixed ones, from a cold and then a warm cache."""
+    cfg = LoaderConfig(batch_size=5, num_workers=0, **how)
+    plain = ClipLoader(str(basketball / "train"), cfg, window)
+    cached = ClipLoader(str(basketball / "train"), cfg.model_copy(update={"cache": str(tmp_path / "cache")}), window)
+    for epoch, stats in enumerate([{"misses": 50}, {"misses": 50, "hits": 50}]):
+        assert_same_bytes(list(plain), list(cached))
+        assert cached.cache_stats == stats, epoch
+    assert plain.cache_stats == {}
+
+
+def test_every_reader_on_a_node_shares_the_cache(basketball, tmp_path):
+    """Two reader processes: the first epoch decodes each clip once, the second decodes none."""
+    cache = tmp_path / "cache"
+    loader = ClipLoader(str(basketball / "train"), LoaderConfig(batch_size=5, num_workers=2, cache=str(cache)), 4)
+    assert len(keys_of(loader)) == 50 and loader.cache_stats == {"misses": 50}
+    assert len(keys_of(loader)) == 50 and loader.cache_stats == {"misses": 50, "hits": 50}
+    files = sorted(p.relative_to(cache) for p in cache.rglob("*") if p.is_file())
+    assert len(files) == 50 and all(p.suffix == ".npy" and p.parent.name == p.name[:2] for p in files)
+
+
+def test_a_damaged_cache_file_is_decoded_again(basketball, tmp_path, caplog):
+    cfg = LoaderConfig(batch_size=5, num_workers=0, cache=str(tmp_path / "cache"))
+    expected = list(ClipLoader(str(basketball / "test"), cfg.model_copy(update={"cache": None}), 8))
+    cached = ClipLoader(str(basketball / "test"), cfg, 8)
+    assert_same_bytes(expected, list(cached))
+    truncated, foreign = sorted((tmp_path / "cache").rglob("*.npy"))[:2]
+    whole = truncated.read_bytes()
+    truncated.write_bytes(whole[: len(whole) // 2])
+    np.save(foreign, np.zeros((20, 64, 64, 3), np.uint8))  # a valid .npy, but not frames [T, 3, H, W]
+    caplog.clear()
+    cached.set_epoch(0)
+    assert_same_bytes(expected, list(cached))
+    assert cached.cache_stats == {"misses": 12, "hits": 8}
+    assert caplog.text.count(str(truncated)) == 1 and caplog.text.count(str(foreign)) == 1
+    assert truncated.read_bytes() == whole and np.load(foreign).shape == (20, 3, 64, 64)
+
+
+def test_a_full_cache_folder_reads_on_uncached(basketball, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for i in range(256):  # every clip's subfolder name taken by a file: no clip can be written
+        (cache / f"{i:02x}").touch()
+    cfg = LoaderConfig(batch_size=5, num_workers=0, shuffle=False)
+    cached = ClipLoader(str(basketball / "test"), cfg.model_copy(update={"cache": str(cache)}), 8)
+    assert_same_bytes(list(ClipLoader(str(basketball / "test"), cfg, 8)), list(cached))
+    assert cached.cache_stats == {"misses": 10} and cached.skipped == {}
+    assert caplog.text.count("data.cache: cannot write") == 10 and not list(cache.rglob("*.npy"))
+
+
+def test_cache_and_gpu_decoding_refusals(basketball, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.touch()
+    with pytest.raises(DataError, match=re.escape(f"data.cache={blocker}/cache: cannot write")):
+        ClipLoader(str(basketball / "test"), LoaderConfig(batch_size=5, cache=str(blocker / "cache")), 8)
+    with pytest.raises(ValueError, match="use it with decode_device=cpu"):
+        LoaderConfig(decode_device="cuda", num_workers=0, cache=str(tmp_path))
+    if not torch.cuda.is_available():
+        with pytest.raises(DataError, match="data.decode_device=cuda, but this process sees no CUDA device: "
+                                            "use data.decode_device=cpu"):
+            ClipLoader(str(basketball / "test"), LoaderConfig(batch_size=5, num_workers=0, decode_device="cuda"), 8)

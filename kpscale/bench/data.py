@@ -1,12 +1,15 @@
 """Data benchmark: mp4 shards vs the official implementation's raw uint8 .npz files, side by side
-on the same basketball clips: bytes per clip, encode quality, and clips/s on one CPU core."""
+on the same basketball clips: bytes per clip, encode quality, and clips/s on one CPU core; and the
+shard reader decoding vs filling a `data.cache` and then reading its frames from there."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +52,18 @@ def _npz_epoch(files: list[Path], window: int, batch_size: int, rng: random.Rand
     return clips
 
 
-def _rate(fn, epochs: int) -> float:
-    fn()  # warm-up: imports, page cache
-    start, clips = time.perf_counter(), 0
+def _rates(readers: dict, epochs: int) -> dict[str, float]:
+    """clips/s of each reader (a function reading one epoch), timed in turns epoch by epoch so that
+    other load on the machine slows them alike."""
+    for read in readers.values():
+        read()  # warm-up: imports, page cache
+    clips, seconds = Counter(), Counter()
     for _ in range(epochs):
-        clips += fn()
-    return clips / (time.perf_counter() - start)
+        for name, read in readers.items():
+            start = time.perf_counter()
+            clips[name] += read()
+            seconds[name] += time.perf_counter() - start
+    return {name: clips[name] / seconds[name] for name in readers}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -90,23 +99,42 @@ def run(args: argparse.Namespace) -> dict:
 
         cfg = LoaderConfig(batch_size=args.batch_size, num_workers=0, shuffle_buffer=64)
         loader = ClipLoader(str(work / "shards" / "train"), cfg, window=args.window)
+        folders = (work / f"cache-{i}" for i in itertools.count())
+
+        def fill() -> int:  # an epoch into an empty cache: every clip decoded whole and written
+            cold = ClipLoader(str(work / "shards" / "train"), cfg.model_copy(update={"cache": str(next(folders))}),
+                              window=args.window)
+            return sum(len(b["key"]) for b in cold)
+
+        # cache-0, which fill's warm-up epoch fills before this reader's warm-up epoch reads it
+        cached = ClipLoader(str(work / "shards" / "train"), cfg.model_copy(update={"cache": str(work / "cache-0")}),
+                            window=args.window)
         rng = random.Random(0)
         npz_files = sorted(npz_dir.iterdir())
         zip_files = sorted(zip_dir.iterdir())
-        rates = {
-            "shards (mp4)": _rate(lambda: sum(len(b["key"]) for b in loader), args.epochs),
-            "npz (raw uint8, official)": _rate(lambda: _npz_epoch(npz_files, args.window, args.batch_size, rng), args.epochs),
-            "npz compressed": _rate(lambda: _npz_epoch(zip_files, args.window, args.batch_size, rng), args.epochs),
-        }
+        rates = _rates({
+            "shards (mp4)": lambda: sum(len(b["key"]) for b in loader),
+            "npz (raw uint8, official)": lambda: _npz_epoch(npz_files, args.window, args.batch_size, rng),
+            "npz compressed": lambda: _npz_epoch(zip_files, args.window, args.batch_size, rng),
+            "data.cache (cold)": fill,
+            "data.cache (warm)": lambda: sum(len(b["key"]) for b in cached),
+        }, args.epochs)
+        sizes["data.cache (cold)"] = sizes["data.cache (warm)"] = \
+            sum(p.stat().st_size for p in (work / "cache-0").rglob("*.npy")) / args.clips
 
     print(f"\nkpscale.bench data: {args.clips} clips of {card.clip_length} frames at {card.resolution}x{card.resolution}, "
           f"windows of {args.window} frames, batches of {args.batch_size}, one CPU core, no reader workers\n")
-    print(f"{'format':<28}{'bytes/clip':>12}{'clips/s':>10}")
+    print(f"{'format':<28}{'bytes/clip':>12}{'clips/s':>10}{'frames/s':>10}")
     for name in sizes:
-        print(f"{name:<28}{sizes[name]:>12,.0f}{rates[name]:>10.0f}")
+        print(f"{name:<28}{sizes[name]:>12,.0f}{rates[name]:>10.0f}{rates[name] * args.window:>10.0f}")
     base = "npz (raw uint8, official)"
     print(f"\nshards are {sizes[base] / sizes['shards (mp4)']:.1f}x smaller than raw npz "
           f"and read at {rates['shards (mp4)'] / rates[base]:.2f}x its clips/s")
     print("encode quality, mean PSNR of decoded vs original frames: "
           + ", ".join(f"{k} {v:.1f} dB" for k, v in quality.items()))
-    return {"bytes_per_clip": sizes, "clips_per_s": rates, "psnr_db": quality}
+    decoding = rates["shards (mp4)"]
+    print(f"the shard reader with a warm data.cache reads {rates['data.cache (warm)'] / decoding:.2f}x the frames/s "
+          f"of decoding, in the epoch that fills it {rates['data.cache (cold)'] / decoding:.2f}x, for "
+          f"{sizes['data.cache (warm)']:,.0f} cache bytes per clip besides the shards "
+          f"(the warm reader's cache hits {cached.cache_stats['hits']}, misses {cached.cache_stats['misses']})")
+    return {"bytes_per_clip": sizes, "clips_per_s": rates, "psnr_db": quality, "cache": dict(cached.cache_stats)}

@@ -13,17 +13,23 @@ a rank that ran out. With `resample=True` shards are drawn at random with replac
 
 Corrupt data. An unreadable shard (missing, truncated tar) or sample (no mp4, undecodable mp4,
 bad npy) is logged with its shard and key, skipped and counted; `loader.skipped` holds the counts.
+
+Frame cache. With `cache` set, each clip's frames are decoded once per node into that folder and
+later reads take their window from there (the same windows as decoding, draw for draw); the tar
+sample is still read for its sidecars. `loader.cache_stats` counts hits and misses.
 """
 
 from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import io
 import json
 import logging
 import multiprocessing
 import os
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kpscale.config import Config
 from kpscale.data.shards import MANIFEST, SIDECARS, iter_tar, read_manifest
-from kpscale.data.video import decode_window
+from kpscale.data.video import decode_mp4, decode_window, window_span
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +79,16 @@ class LoaderConfig(Config):
     window_start: int = Field(0, ge=0)  # with random_window False: the first frame of every window
     frames: bool = True  # False: batches of labels and sidecars only, no video decoded (a stage that trains on keypoints)
     seed: int = 0
+    # A node-local folder (/dev/shm/kpscale, local NVMe) of decoded clips shared by the node's
+    # readers, for nodes where decoding cannot keep up: T*3*H*W bytes per clip. None: decode always.
+    cache: str | None = None
 
     @model_validator(mode="after")
     def _cuda_in_main(self) -> LoaderConfig:
         if self.decode_device == "cuda" and self.num_workers:
             raise ValueError("decode_device=cuda decodes in the training process: set num_workers=0")
+        if self.decode_device == "cuda" and self.cache:
+            raise ValueError("cache holds frames decoded on the CPU: use it with decode_device=cpu")
         return self
 
 
@@ -205,8 +216,59 @@ def plan_pieces(shards: list[ShardRef], lo: int, hi: int) -> list[tuple[ShardRef
     return pieces
 
 
+def save_atomically(path: Path, array: np.ndarray) -> None:
+    """Write an .npy that concurrent readers see whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class FrameCache:
+    """Decoded clips, uint8 [T, C, H, W] .npy files in a folder that every reader on a node shares.
+    A file is named by a digest of the clip's mp4 bytes: a changed shard's clips get new files, and
+    identical clips share one. Counts hits and misses."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+        self.counts: Counter = Counter()
+
+    def window(self, mp4: bytes, window: int | None, rng, first: int = 0) -> tuple[torch.Tensor, int]:
+        """decode_window's frames and start, with the same draw from rng."""
+        clip = self._clip(mp4)
+        start, window = window_span(len(clip), window, rng, first)
+        return torch.from_numpy(np.array(clip[start:start + window])), start
+
+    def _clip(self, mp4: bytes) -> np.ndarray:
+        digest = hashlib.blake2b(mp4, digest_size=16).hexdigest()
+        path = self.folder / digest[:2] / f"{digest}.npy"
+        try:
+            clip = np.load(path, mmap_mode="r", allow_pickle=False)
+            if clip.dtype != np.uint8 or clip.ndim != 4 or clip.shape[1] != 3:
+                raise ValueError(f"it holds {clip.dtype} {list(clip.shape)}, not uint8 [T, 3, H, W]")
+            self.counts["hits"] += 1
+            return clip
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, EOFError) as exc:  # truncated or foreign: decode it again
+            log.warning("data.cache: replacing unreadable %s (%s)", path, exc)
+        # torchcodec's frames are strided, and np.save writes a strided array ~15x slower
+        clip = decode_mp4(mp4).contiguous().numpy()
+        try:
+            save_atomically(path, clip)
+        except OSError as exc:  # e.g. a full /dev/shm: the decoded frames are still good
+            log.warning("data.cache: cannot write %s (%s); reading on uncached", path, exc)
+        self.counts["misses"] += 1
+        return clip
+
+
 def _decode(key: str, parts: dict[str, bytes], window: int | None, rng, device: str, frames: bool = True,
-            first: int = 0) -> dict:
+            first: int = 0, cache: FrameCache | None = None) -> dict:
     """One sample's frames and sidecars over a window: a random one when `rng` is given, else the
     one from frame `first`."""
     sidecars = {name: np.load(io.BytesIO(parts[f"{name}.npy"]), allow_pickle=False)
@@ -214,7 +276,8 @@ def _decode(key: str, parts: dict[str, bytes], window: int | None, rng, device: 
     if frames:
         if "mp4" not in parts:
             raise DataError("sample has no mp4")
-        video, start = decode_window(parts["mp4"], window, rng, device, first)
+        video, start = (cache.window(parts["mp4"], window, rng, first) if cache
+                        else decode_window(parts["mp4"], window, rng, device, first))
         sample = {"key": key, "start": start, "video": video.float().div_(255)}
         length, what = len(video), "the video"
     else:
@@ -289,24 +352,32 @@ class ClipStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rng = np.random.default_rng([self.cfg.seed, self.epoch, self.attempt, self.rank, worker])
         self.skipped = Counter()
-        reported = Counter()
+        self.cache = FrameCache(self.cfg.cache) if self.cfg.cache and self.cfg.frames else None
         batch = []
         for url, key, parts in self._shuffled(self._raw(rng, worker, workers), rng):
             try:
                 batch.append(_decode(key, parts, self.window, rng if self.cfg.random_window else None,
-                                     self.cfg.decode_device, self.cfg.frames, self.cfg.window_start))
+                                     self.cfg.decode_device, self.cfg.frames, self.cfg.window_start, self.cache))
             except Exception as exc:
                 log.warning("skipping sample %s in shard %s: %s", key, url, exc)
                 self.skipped["samples"] += 1
                 continue
             if len(batch) == self.cfg.batch_size:
-                yield {**collate(batch), "skipped": dict(self.skipped - reported)}
-                reported, batch = Counter(self.skipped), []
+                yield {**collate(batch), **self._counts()}
+                batch = []
         if batch and not self.cfg.drop_last:
-            yield {**collate(batch), "skipped": dict(self.skipped - reported)}
-            reported = Counter(self.skipped)
-        if self.skipped - reported:  # skips after the last batch still reach the counter
-            yield {"skipped": dict(self.skipped - reported)}
+            yield {**collate(batch), **self._counts()}
+        counts = self._counts()
+        if any(counts.values()):  # counts after the last batch still reach the loader
+            yield counts
+
+    def _counts(self) -> dict:
+        """Skips and cache hits/misses since the last call, which the loader adds up."""
+        counts = {"skipped": dict(self.skipped), "cache": dict(self.cache.counts) if self.cache else {}}
+        self.skipped.clear()
+        if self.cache:
+            self.cache.counts.clear()
+        return counts
 
 
 class ClipLoader:
@@ -315,6 +386,15 @@ class ClipLoader:
 
     def __init__(self, source: str | list[ShardRef], cfg: LoaderConfig, window: int | None = None,
                  rank: int | None = None, world_size: int | None = None):
+        if cfg.decode_device == "cuda" and not torch.cuda.is_available():
+            raise DataError("data.decode_device=cuda, but this process sees no CUDA device: "
+                            "use data.decode_device=cpu")
+        if cfg.cache:
+            try:
+                Path(cfg.cache).mkdir(parents=True, exist_ok=True)
+                tempfile.TemporaryFile(dir=cfg.cache).close()
+            except OSError as exc:
+                raise DataError(f"data.cache={cfg.cache}: cannot write to this folder ({exc})") from None
         self.shards = resolve_shards(source) if isinstance(source, str) else list(source)
         self.source = source if isinstance(source, str) else f"{len(self.shards)} shards"
         self.cfg, self.window = cfg, window
@@ -325,6 +405,7 @@ class ClipLoader:
         self.num_samples = sum(r.count for r in self.shards)
         self.epoch = 0
         self.skipped: Counter = Counter()
+        self.cache_stats: Counter = Counter()  # data.cache hits and misses
         self.num_batches = self._batches()
         if self.num_batches == 0:
             raise DataError(f"{self.source}: {self.num_samples} clips give rank {self.rank} of {self.world} "
@@ -356,7 +437,8 @@ class ClipLoader:
             got = 0
             for batch in loader:
                 self.skipped.update(batch.pop("skipped"))
-                if "key" not in batch:  # only skip counts
+                self.cache_stats.update(batch.pop("cache"))
+                if "key" not in batch:  # only counts
                     continue
                 got += 1
                 produced += 1

@@ -43,12 +43,17 @@ def decode_window(data: bytes, window: int | None, rng, device: str = "cpu", fir
     from torchcodec.decoders import VideoDecoder
 
     decoder = VideoDecoder(data, dimension_order="NCHW", num_ffmpeg_threads=1, device=device)
-    count = decoder.metadata.num_frames
+    start, window = window_span(decoder.metadata.num_frames, window, rng, first)
+    return decoder.get_frames_in_range(start, start + window).data, start
+
+
+def window_span(count: int, window: int | None, rng, first: int = 0) -> tuple[int, int]:
+    """The first index and length of decode_window's run in a clip of `count` frames (one draw
+    from rng), so that a reader of already decoded frames cuts the same windows."""
     window = count - first if window is None else window
     if count < window or (rng is None and count < first + window) or window < 1:
         raise ValueError(f"clip has {count} frames, the window needs {window}" + (f" from frame {first}" if first else ""))
-    start = int(rng.integers(count - window + 1)) if rng is not None else first
-    return decoder.get_frames_in_range(start, start + window).data, start
+    return (int(rng.integers(count - window + 1)) if rng is not None else first), window
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
