@@ -6,7 +6,7 @@ import torch
 
 from kpscale.config import ConfigError, validate
 from kpscale.models import FAMILIES, build_family
-from kpscale.models.keypoints import (ImageDecoder, KeypointDetector, add_coord_channels,
+from kpscale.models.keypoints import (ImageDecoder, KeypointDetector, Upsample2x, add_coord_channels,
                                       heatmaps_to_keypoints, keypoints_to_maps)
 from kpscale.models.struct_vrnn.model import (StructVRNN, StructVRNNConfig, assign, exploration_loss,
                                               separation_loss, spare_keypoints, sparsity_loss)
@@ -55,6 +55,21 @@ def test_sample_future_shapes():
     assert keypoints.shape == (2, 3, cfg.observed + 6, cfg.num_keypoints, 3)
     assert frames.shape == (2, 3, cfg.observed + 6, 3, 64, 64)
     assert not torch.equal(keypoints[:, 0, -1], keypoints[:, 1, -1])  # the samples differ
+
+
+def test_chunked_upsampling_equals_one_call_values_gradients_and_layout():
+    """The decoder's upsampling, cut into batch chunks to keep each output under the element limit
+    (here 3 items a chunk, with a remainder), gives what one bilinear call gives."""
+    x = torch.randn(7, 6, 5, 5).contiguous(memory_format=torch.channels_last)
+    one, chunked = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected = torch.nn.functional.interpolate(one, scale_factor=2, mode="bilinear", align_corners=True)
+    got = Upsample2x(max_elements=3 * 6 * 10 * 10)(chunked)  # outputs of 600 elements an item
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert got.is_contiguous(memory_format=torch.channels_last)  # what the next conv reads fastest
+    weights = torch.randn_like(expected)
+    (expected * weights).sum().backward()
+    (got * weights).sum().backward()
+    torch.testing.assert_close(chunked.grad, one.grad, rtol=0, atol=0)
 
 
 def test_coordinate_channels_follow_the_convention():

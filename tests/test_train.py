@@ -137,6 +137,65 @@ def test_checkpoint_resumes_exactly(tmp_path, stage, monkeypatch):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+def test_a_compiled_engine_trains_as_the_eager_one_in_whole_graphs(monkeypatch):
+    """train.compile's engine.compile: the same parameters after steps that cross the end of the
+    KL and teacher-forcing ramps (each a recompile), and the step traced without a graph break
+    (a host read of a tensor in the step, as the exploration term's greedy assignment once had,
+    would break the graph and stall the GPU). aot_eager traces as inductor does without
+    generating kernels. The dynamics are deterministic here (Struct-RNN, teacher forcing
+    throughout): a traced graph may draw its random numbers in another order than eager."""
+    import torch._dynamo
+
+    _init_single_process(monkeypatch, 29710)
+    cfg = load_train_config(None, [*TINY, "train.zero_stage=0", "train.steps=4", "model.exploration_weight=1",
+                                   "model.kl_anneal_steps=4", "model.scheduled_sampling_steps=4",
+                                   "model.latent_size=0", "model.num_samples=1", "model.p_true_end_observed=1",
+                                   "model.p_true_end_predicted=1"])
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.rand(2, 8, 3, 64, 64, generator=g) for _ in range(3)]
+    eager, compiled = _engine(cfg), _engine(cfg)
+    compiled.compile(backend="aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for engine in (eager, compiled):
+        torch.manual_seed(5)
+        for step, video in zip((1, 3, 6), batches):
+            out = engine(video, step, decode_predictions=False)
+            engine.backward(out["loss"])
+            engine.step()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
+    for (name, a), b in zip(eager.module.named_parameters(), compiled.module.parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_a_local_ray_beside_another_tells_its_workers_where_its_state_api_is():
+    """Ray Train's placement-group cleaner asks the state API, with no address, whether its
+    controller lives; with two Rays on the machine (the session's head and the local Ray that
+    a command without RAY_ADDRESS starts) Ray cannot tell which, the cleaner's thread dies, and
+    a killed Train run's workers keep their CPUs for good. start_ray's workers are told."""
+    probe = """
+import ray
+from kpscale.train.launch import start_ray
+start_ray()
+
+@ray.remote(num_cpus=0)
+def ask():
+    from ray.util.state import list_actors
+    try:
+        return f"{len(list_actors(limit=100))} actors"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+print(ray.get(ask.remote()))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the session's head runs beside
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("actors"), result.stdout
+
+
 def _run(client, tmp_path):
     experiment = client.get_experiment_by_name("kpscale")
     (run,) = client.search_runs([experiment.experiment_id])
@@ -244,7 +303,7 @@ def baselines(basketball, tmp_path_factory):
     client.create_experiment("kpscale")  # the store's tables, before two trainings write to it at once
     common = [f"data.train={basketball / 'train'}", f"data.test={basketball / 'test'}", "train.steps=4",
               "train.eval_every=4", "train.eval_clips=8", f"train.storage={folder / 'runs'}", f"tracking.uri={uri}"]
-    commands = {"struct_rnn": [*TINY, "model.latent_size=0", "model.num_samples=1"],
+    commands = {"struct_rnn": [*TINY, "model.latent_size=0", "model.num_samples=1", f"data.cache={folder / 'cache'}"],
                 "cnn_vrnn": [*(o for o in TINY if not o.startswith("model.num_keypoints")), "--config", str(CNN_VRNN)]}
     runs = {}
     for name, run_id in train_at_once(commands, common).items():
@@ -258,9 +317,11 @@ def baselines(basketball, tmp_path_factory):
 @pytest.mark.slow
 def test_struct_rnn_baseline_trains_and_evaluates_through_the_same_commands(baselines):
     """The paper's Struct-RNN (deterministic dynamics) is a config of the same model: it trains
-    with kpscale.train and is scored by kpscale.evaluate, whose samples all coincide."""
+    with kpscale.train and is scored by kpscale.evaluate, whose samples all coincide. It trained
+    from data.cache: its 4 steps of 2 clips decoded 8 clips into the cache, as MLflow says."""
     run, evaluation = baselines[1]["struct_rnn"]
     assert run.data.params["model.latent_size"] == "0" and "tracking_error_no_dynamics" in run.data.metrics
+    assert run.data.metrics["train/cache_misses"] == 8 and run.data.metrics["train/cache_hits"] == 0
     child = evaluation.data.metrics
     assert child["psnr_closest"] == pytest.approx(child["psnr_furthest"], rel=1e-6)  # one future, drawn 3 times
     assert child["tracking_error_predicted"] > 0 and child["tracking_error_no_dynamics"] > 0

@@ -78,6 +78,21 @@ def conv(cin: int, cout: int, kernel: int = 3, stride: int = 1, act: bool = True
     return nn.Sequential(layer, nn.LeakyReLU(0.2)) if act else layer
 
 
+class Upsample2x(nn.Module):
+    """Bilinear 2x upsampling (align_corners, as official), over batch chunks whose outputs stay
+    under `max_elements`: CUDA's channels-last kernel refuses an output of 2^31 elements or more
+    (a batch of 512 clips of 16 frames at 64 px is [8192, 64, 64, 64])."""
+
+    def __init__(self, max_elements: int = 2**31 - 1):
+        super().__init__()
+        self.max_elements = max_elements
+
+    def forward(self, x: Tensor) -> Tensor:
+        chunk = max(1, self.max_elements // (4 * x[0].numel()))
+        parts = [F.interpolate(part, scale_factor=2, mode="bilinear", align_corners=True) for part in x.split(chunk)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class ImageEncoder(nn.Sequential):
     """[N, cin, H, W] -> [N, 4 * filters, H/4, W/4]: each scale has one conv (stride 2 after
     the first scale) plus `layers_per_scale` more."""
@@ -126,7 +141,7 @@ class ImageDecoder(nn.Module):
         width = self.appearance.out_channels
         layers = [conv(2 * map_channels + width + 2, width, kernel=1)]
         for _ in range(2):
-            layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True))
+            layers.append(Upsample2x())
             layers.append(conv(width, width // 2))
             layers += [conv(width // 2, width // 2) for _ in range(layers_per_scale - 1)]
             width //= 2

@@ -12,7 +12,6 @@ import os
 import resource
 import tempfile
 import time
-from collections import defaultdict
 
 import mlflow
 import ray.train
@@ -40,6 +39,7 @@ def train_loop(config: dict) -> None:
     from kpscale.train.engine import build_engine
 
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    compiled = cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(cfg.train.seed + rank)
     family = family_class(cfg.model)
@@ -88,6 +88,9 @@ def train_loop(config: dict) -> None:
             loader = ClipLoader(source, cfg.data.model_copy(update={"frames": stage.frames}), window=cfg.window,
                                 rank=rank, world_size=world)
             engines = {name: build_engine(optimiser, cfg, bf16, section.steps) for name, optimiser in optimisers.items()}
+            if compiled:
+                for engine in engines.values():
+                    engine.compile(backend=cfg.train.compile_backend)
             if folder and index == first:
                 state = checkpoint.load(engines, folder, rank)
                 # Resume at the next epoch: the step counter, optimizers, schedules and RNG continue;
@@ -111,10 +114,11 @@ def train_loop(config: dict) -> None:
                                          if cfg.train.stages else "")
                 if len(engines) > 1:
                     what += f", optimisers {' then '.join(engines)}"
-                log.info("training %s on %d clips (%d batches per epoch per rank) with %d workers, ZeRO-%d, %s, "
+                log.info("training %s on %d clips (%d batches per epoch per rank) with %d workers, ZeRO-%d, %s%s, "
                          "%d torch threads per worker%s", what, loader.num_samples, len(loader), world,
-                         cfg.train.zero_stage, "bf16" if bf16 else "fp32", torch.get_num_threads(),
-                         f"; {', '.join(frozen)} frozen" if frozen else "")
+                         cfg.train.zero_stage, "bf16" if bf16 else "fp32",
+                         f", compiled ({cfg.train.compile_backend}; the first steps compile)" if compiled else "",
+                         torch.get_num_threads(), f"; {', '.join(frozen)} frozen" if frozen else "")
             while step < ends[index]:
                 loader.set_epoch(epoch)
                 fetch = time.perf_counter()
@@ -231,29 +235,34 @@ class Meter:
 
     def __init__(self):
         self.steps, self.clips, self.waited, self.started = 0, 0, 0.0, time.perf_counter()
-        self.sums: dict[str, float] = defaultdict(float)
+        # Summed on the device, read at the log line: a read each step would wait for the GPU there.
+        self.sums: dict[str, torch.Tensor] = {}
 
     def add(self, clips: int, terms: dict[str, torch.Tensor]) -> None:
         self.steps += 1
         self.clips += clips
         for name, value in terms.items():
-            self.sums[name] += value.item()
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
 
     def log(self, loader: ClipLoader, step: int, rank: int, lrs: dict[str, float], child: str | None) -> dict[str, float]:
         """Collective: throughput and skipped clips are totals over ranks. Returns the metrics
         on rank 0, nothing on the others. Logged to the run, and to its stage's run `child`."""
         seconds = time.perf_counter() - self.started
-        totals = torch.tensor([self.clips, loader.skipped["samples"], loader.skipped["shards"]], dtype=torch.float64)
+        totals = torch.tensor([self.clips, loader.skipped["samples"], loader.skipped["shards"],
+                               loader.cache_stats["hits"], loader.cache_stats["misses"]], dtype=torch.float64)
         dist.all_reduce(totals)
         peak = torch.tensor([peak_memory_mb()], dtype=torch.float64)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         if rank != 0:
             return {}
-        metrics = {f"train/{k}": v / self.steps for k, v in self.sums.items()}
+        metrics = {f"train/{k}": v.item() / self.steps for k, v in self.sums.items()}
         metrics.update({"train/clips_per_s": totals[0].item() / seconds,
                         "train/data_wait_fraction": self.waited / seconds,
                         "train/skipped_clips": totals[1].item(), "train/skipped_shards": totals[2].item(),
                         **{f"train/{name}": lr for name, lr in lrs.items()}, "system/peak_memory_mb": peak.item()})
+        if totals[3] + totals[4]:  # data.cache: clips read from it and decoded into it so far
+            metrics.update({"train/cache_hits": totals[3].item(), "train/cache_misses": totals[4].item()})
         _log_metrics(metrics, step, child)
         losses = ", ".join(f"{v:.4f}" + (f" ({k[len('train/'):-len('/loss')]})" if k != "train/loss" else "")
                            for k, v in metrics.items() if k == "train/loss" or k.endswith("/loss"))

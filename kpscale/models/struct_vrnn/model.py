@@ -89,9 +89,7 @@ def assign(preference: Tensor, candidate: Tensor, spare: Tensor) -> Tensor:
     target = torch.zeros(*spare.shape[:-1], k + 1, dtype=torch.long, device=spare.device)
     for _ in range(k):
         value, flat = open_.flatten(2).max(-1)  # [B, T]: the best open (keypoint, cell) pair
-        live = value > -torch.inf
-        if not live.any():
-            break
+        live = value > -torch.inf  # no early exit when none is: asking would sync with the GPU each step
         kp, cell = torch.where(live, flat // c, k), flat % c  # slot k takes frames with none left
         target.scatter_(-1, kp[..., None], cell[..., None])
         taken.scatter_add_(-1, cell[..., None], live[..., None].long())
