@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import CARD, ROOT, TINY_MODEL, exit_status
 
@@ -21,7 +22,7 @@ ENTRY_POINTS = {name: importlib.import_module(module).main for name, module in [
 @pytest.mark.parametrize("command", [
     ["kpscale.data"], ["kpscale.data", "build"], ["kpscale.data", "convert"], ["kpscale.data", "stream"],
     ["kpscale.bench"], ["kpscale.bench", "data"], ["kpscale.bench", "train"], ["kpscale.bench", "evaluate"],
-    ["kpscale.bench", "dynamics"], ["kpscale.bench", "swap"], ["kpscale.train"], ["kpscale.tune"], ["kpscale.predict"], ["kpscale.evaluate"],
+    ["kpscale.bench", "dynamics"], ["kpscale.bench", "swap"], ["kpscale.bench", "gpu"], ["kpscale.train"], ["kpscale.tune"], ["kpscale.predict"], ["kpscale.evaluate"],
     ["kpscale.compare"]], ids=" ".join)
 def test_every_entry_point_has_help(command, capsys):
     assert exit_status(ENTRY_POINTS[command[0]], *command[1:], "--help") == 0
@@ -70,6 +71,40 @@ def test_train_benchmark_prints_side_by_side_ratios(tmp_path):
     figures = json.loads((tmp_path / "b.json").read_text())
     assert figures["bare_clips_per_s"] > 0 and figures["ray_deepspeed_clips_per_s"] > 0
     assert set(figures["peak_memory_mb"]) == {"3"} and min(figures["peak_memory_mb"].values()) > 100
+
+
+def test_gpu_benchmark_needs_no_ray_nor_mlflow_and_says_when_there_is_no_gpu():
+    """`bench gpu` runs on a lent GPU machine where Ray and MLflow are not installed (the Ray Train
+    path is `bench train`'s); without a GPU it says what to do instead."""
+    probe = ("import sys; from kpscale.bench.__main__ import main; status = main(['gpu']); "
+             "print(status, [m for m in ('ray', 'mlflow', 'dm_control') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the no-GPU message is not shown")
+    assert result.stdout.split()[0] == "2" and result.stdout.strip().endswith("[]"), result.stdout
+    assert "no CUDA device" in result.stderr and "--device cpu" in result.stderr
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_every_part_small_on_the_cpu(tmp_path):
+    """`--device cpu`: each case of each part runs (tiny model, aot_eager for the compiled ones),
+    the DeepSpeed rows are set against the bare loop's, and mp4 frames decode in both encodings."""
+    import json
+
+    result = run("kpscale.bench", "--json", str(tmp_path / "b.json"), "gpu", "--device", "cpu", "--steps", "1",
+                 "train.compile_backend=aot_eager", *TINY_MODEL, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((tmp_path / "b.json").read_text())
+    steps = figures["steps"]
+    assert list(steps) == ["bare fp32, batch 2", "bare bf16, batch 2", "bare bf16 compiled, batch 2",
+                           "DeepSpeed bf16 ZeRO-0, batch 2", "DeepSpeed bf16 ZeRO-2, batch 2",
+                           "DeepSpeed bf16 ZeRO-2 compiled, batch 2"], steps
+    assert all(case["clips_per_s"] > 0 for case in steps.values()), steps
+    assert all(case["of_bare"] > 0 for name, case in steps.items() if name.startswith("DeepSpeed"))
+    assert set(figures["decode_frames_per_s"]) == {"yuv444p on cpu", "yuv420p on cpu"}
+    assert min(figures["decode_frames_per_s"].values()) > 100
+    assert "clips/s" in result.stdout and "of bare" in result.stdout
 
 
 def test_dynamics_toy_and_its_baselines():
