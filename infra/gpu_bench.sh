@@ -2,7 +2,7 @@
 # `python -m kpscale.bench gpu` on a lent GPU machine (the device tool) whose Python (3.12, torch
 # with CUDA) lacks kpscale's lighter dependencies and reaches no network.
 #   bash infra/gpu_bench.sh prepare          # here: wheels into .whl/, DeepSpeed's package into .ds/
-#   bash infra/gpu_bench.sh run [ARGS]       # there, carrying .whl and .ds: bench gpu ARGS, ~5 min
+#   bash infra/gpu_bench.sh run [ARGS]       # there, carrying .whl and .ds: bench gpu ARGS, 5-8 min
 # DeepSpeed is an sdist, so its installed package folder travels instead of a wheel. Ray and
 # MLflow are not needed (bench gpu imports neither). Figures land in $OUT/gpu_bench.json.
 set -euo pipefail
@@ -23,7 +23,7 @@ case "${1:-}" in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
     shift
-    timeout 420 python3 -m kpscale.bench --json "${OUT:-.}/gpu_bench.json" gpu "$@" ;;
+    timeout 540 python3 -m kpscale.bench --json "${OUT:-.}/gpu_bench.json" gpu "$@" ;;
   *)
     echo "usage: bash infra/gpu_bench.sh prepare | run [bench gpu arguments]" >&2
     exit 2 ;;

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._dynamo
 
 from kpscale.config import ConfigError
 from kpscale.train.config import TrainConfig, load_train_config
@@ -159,10 +160,17 @@ def _case(make_step, device: torch.device, steps: int, warmup: int) -> dict:
         step, clips = make_step()
         first = _time_steps(step, warmup, device)
         seconds = _time_steps(step, steps, device)
-        return {"clips_per_s": clips * steps / seconds, "first_steps_s": first, "peak_memory_mb": _peak_mb(device),
-                "gpu_busy": _gpu_busy(step, device), "host_syncs_per_step": _host_syncs(step, device)}
     except (RuntimeError, torch.OutOfMemoryError) as exc:  # a batch too large, a kernel's limit
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    result = {"clips_per_s": clips * steps / seconds, "first_steps_s": first, "peak_memory_mb": _peak_mb(device)}
+    for name, measure in (("gpu_busy", _gpu_busy), ("host_syncs_per_step", _host_syncs)):
+        try:
+            result[name] = measure(step, device)
+        except Exception as exc:  # a diagnostic that fails must not cost the lease's other figures
+            result[name] = None
+            print(f"  {name} unavailable: {type(exc).__name__}: {exc}", flush=True)
+    torch._dynamo.reset()  # compiled graphs keep their model alive: free it for the next case
+    return result
 
 
 def _init_single_process(device: torch.device) -> None:
