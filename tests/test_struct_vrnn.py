@@ -57,13 +57,14 @@ def test_sample_future_shapes():
     assert not torch.equal(keypoints[:, 0, -1], keypoints[:, 1, -1])  # the samples differ
 
 
-def test_chunked_upsampling_equals_one_call_values_gradients_and_layout():
-    """The decoder's upsampling, cut into batch chunks to keep each output under the element limit
-    (here 3 items a chunk, with a remainder), gives what one bilinear call gives."""
+@pytest.mark.parametrize("mode, corners", [("bilinear", {"align_corners": True}), ("nearest", {})])
+def test_chunked_upsampling_equals_one_call_values_gradients_and_layout(mode, corners):
+    """The decoders' upsampling, cut into batch chunks to keep each output under the element limit
+    (here 3 items a chunk, with a remainder), gives what one call gives."""
     x = torch.randn(7, 6, 5, 5).contiguous(memory_format=torch.channels_last)
     one, chunked = x.clone().requires_grad_(), x.clone().requires_grad_()
-    expected = torch.nn.functional.interpolate(one, scale_factor=2, mode="bilinear", align_corners=True)
-    got = Upsample2x(max_elements=3 * 6 * 10 * 10)(chunked)  # outputs of 600 elements an item
+    expected = torch.nn.functional.interpolate(one, scale_factor=2, mode=mode, **corners)
+    got = Upsample2x(mode, max_elements=3 * 6 * 10 * 10)(chunked)  # outputs of 600 elements an item
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert got.is_contiguous(memory_format=torch.channels_last)  # what the next conv reads fastest
     weights = torch.randn_like(expected)

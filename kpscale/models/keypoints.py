@@ -79,17 +79,19 @@ def conv(cin: int, cout: int, kernel: int = 3, stride: int = 1, act: bool = True
 
 
 class Upsample2x(nn.Module):
-    """Bilinear 2x upsampling (align_corners, as official), over batch chunks whose outputs stay
-    under `max_elements`: CUDA's channels-last kernel refuses an output of 2^31 elements or more
-    (a batch of 512 clips of 16 frames at 64 px is [8192, 64, 64, 64])."""
+    """2x upsampling, bilinear with align_corners (the official decoder's) or nearest, over batch
+    chunks whose outputs stay under `max_elements`: CUDA's channels-last bilinear kernel refuses
+    an output of 2^31 elements or more (a batch of 512 clips of 16 frames at 64 px is [8192, 64,
+    64, 64])."""
 
-    def __init__(self, max_elements: int = 2**31 - 1):
+    def __init__(self, mode: str = "bilinear", max_elements: int = 2**31 - 1):
         super().__init__()
-        self.max_elements = max_elements
+        self.mode, self.max_elements = mode, max_elements
 
     def forward(self, x: Tensor) -> Tensor:
         chunk = max(1, self.max_elements // (4 * x[0].numel()))
-        parts = [F.interpolate(part, scale_factor=2, mode="bilinear", align_corners=True) for part in x.split(chunk)]
+        corners = {"align_corners": True} if self.mode == "bilinear" else {}
+        parts = [F.interpolate(part, scale_factor=2, mode=self.mode, **corners) for part in x.split(chunk)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from kpscale.config import Config
-from kpscale.models.keypoints import axis_grids, keypoints_to_maps
+from kpscale.models.keypoints import Upsample2x, axis_grids, keypoints_to_maps
 
 VGG19_ENV = "KPSCALE_VGG19_WEIGHTS"
 
@@ -114,7 +114,7 @@ def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
 
 
 def _up(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), _conv(c_in, c_out))
+    return nn.Sequential(Upsample2x("nearest"), _conv(c_in, c_out))
 
 
 def soft_argmax(logits: Tensor) -> Tensor:
