@@ -12,6 +12,7 @@ import fsspec
 import mlflow
 import yaml
 from mlflow.entities import Param
+from mlflow.exceptions import MlflowException
 
 from kpscale.config import Config
 
@@ -37,6 +38,21 @@ def git_commit() -> str:
         return "unknown"
 
 
+def tag_experiment_kind(experiment_id: str) -> None:
+    """Mark the experiment as model training: the MLflow UI files an experiment without a kind
+    under GenAI's evaluation runs. Runs starting together (a sweep's trials, jobs submitted at
+    once) may both find the tag missing; the store refuses the second insert of the same key."""
+    client = mlflow.MlflowClient()
+    kind = ("mlflow.experimentKind", "custom_model_development")
+    if client.get_experiment(experiment_id).tags.get(kind[0]) == kind[1]:
+        return
+    try:
+        client.set_experiment_tag(experiment_id, *kind)
+    except MlflowException:
+        if client.get_experiment(experiment_id).tags.get(kind[0]) != kind[1]:  # not the other run's insert
+            raise
+
+
 def open_run(uri: str, experiment: str, marker: str, name: str, cfg: Config, tags: dict,
              datasets: dict[str, str] | None = None) -> str:
     """The MLflow run of a training run: created with params, tags and its datasets ({context:
@@ -49,8 +65,7 @@ def open_run(uri: str, experiment: str, marker: str, name: str, cfg: Config, tag
         mlflow.MlflowClient().update_run(run_id, status="RUNNING")
         return run_id
     experiment_id = mlflow.set_experiment(experiment).experiment_id
-    # The MLflow UI files an experiment without a kind under GenAI's evaluation runs.
-    mlflow.MlflowClient().set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    tag_experiment_kind(experiment_id)
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
         params = cfg.flat()
         items = list(params.items())
