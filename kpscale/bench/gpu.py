@@ -111,8 +111,10 @@ def _peak_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
 
 
-def _bare_step(cfg: TrainConfig, device: torch.device, bf16: bool, compiled: bool):
-    """The step of `bench train`'s bare loop on random clips already on the device."""
+def bare_step(cfg: TrainConfig, device: torch.device, bf16: bool = False, compiled: bool = False):
+    """The training step of a bare loop, without Ray or DeepSpeed: the config's model on `device`,
+    Adam over kpscale's parameter groups, clipping; `step(video, number)` trains on one batch.
+    `bench train` compares Ray Train + DeepSpeed with it, and so does this benchmark."""
     from kpscale.models import build_family
 
     torch.manual_seed(cfg.train.seed)
@@ -120,16 +122,22 @@ def _bare_step(cfg: TrainConfig, device: torch.device, bf16: bool, compiled: boo
     if compiled:
         model.compile(backend=cfg.train.compile_backend)
     optimiser = torch.optim.Adam(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
-    video = torch.rand(cfg.data.batch_size, cfg.window, 3, cfg.model.image_size, cfg.model.image_size, device=device)
 
-    def step() -> None:
+    def step(video: torch.Tensor, number: int) -> None:
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            loss = model(video, STEP, decode_predictions=False)["loss"]
+            loss = model(video, number, decode_predictions=False)["loss"]
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))  # 0: off
         optimiser.step()
     return step
+
+
+def _bare_step(cfg: TrainConfig, device: torch.device, bf16: bool, compiled: bool):
+    """`bare_step` on random clips already on the device."""
+    step = bare_step(cfg, device, bf16, compiled)
+    video = torch.rand(cfg.data.batch_size, cfg.window, 3, cfg.model.image_size, cfg.model.image_size, device=device)
+    return lambda: step(video, STEP)
 
 
 def _engine_step(cfg: TrainConfig, device: torch.device, compiled: bool):
@@ -151,13 +159,14 @@ def _engine_step(cfg: TrainConfig, device: torch.device, compiled: bool):
     return step
 
 
-def _case(make_step, device: torch.device, steps: int, warmup: int) -> dict:
-    """clips/s and the rest of a case; {"error": ...} when the batch does not run."""
+def _case(make_step, clips: int, device: torch.device, steps: int, warmup: int) -> dict:
+    """clips/s and the rest of a case whose steps train on `clips` clips; {"error": ...} when the
+    batch does not run."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     try:
-        step, clips = make_step()
+        step = make_step()
         first = _time_steps(step, warmup, device)
         seconds = _time_steps(step, steps, device)
     except (RuntimeError, torch.OutOfMemoryError) as exc:  # a batch too large, a kernel's limit
@@ -252,7 +261,7 @@ def run(args: argparse.Namespace) -> dict:
             continue
         print(f"{name} ...", flush=True)
         cfg = config(batch)
-        results[name] = _case(lambda: (_bare_step(cfg, device, bf16, compiled), batch), device, steps,
+        results[name] = _case(lambda: _bare_step(cfg, device, bf16, compiled), batch, device, steps,
                               warmup=3 if compiled else 2)
     _init_single_process(device)
     budget = Budget(args.budgets[1])
@@ -265,7 +274,7 @@ def run(args: argparse.Namespace) -> dict:
             continue
         print(f"{name} ...", flush=True)
         cfg = config(batch, f"train.zero_stage={zero}")
-        results[name] = _case(lambda: (_engine_step(cfg, device, compiled), batch), device, steps,
+        results[name] = _case(lambda: _engine_step(cfg, device, compiled), batch, device, steps,
                               warmup=3 if compiled else 2)
         bare = results.get(f"bare bf16{' compiled' if compiled else ''}, batch {batch}", {})
         if "clips_per_s" in bare and "clips_per_s" in results[name]:

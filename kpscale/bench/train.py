@@ -13,14 +13,13 @@ import mlflow
 import torch
 
 from kpscale.bench.data import CARD
+from kpscale.bench.gpu import bare_step
 from kpscale.config import load, positive
 from kpscale.data.build import build
 from kpscale.data.card import DatasetCard
 from kpscale.data.stream import ClipLoader
-from kpscale.models import build_family
 from kpscale.train.allocator import keep_freed_memory
 from kpscale.train.config import TrainConfig, load_train_config
-from kpscale.train.engine import param_groups
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,20 +44,14 @@ def _bare_loop(cfg: TrainConfig, steps: int) -> float:
     """The same model, data, Adam, clipping, threads and allocator settings, without Ray or DeepSpeed."""
     keep_freed_memory()
     torch.set_num_threads(cfg.train.cpus_per_worker)
-    torch.manual_seed(cfg.train.seed)
-    model = build_family(cfg.model).root
-    optimizer = torch.optim.Adam(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
+    train_step = bare_step(cfg, torch.device("cpu"))
     loader = ClipLoader(cfg.data.train, cfg.data, window=cfg.window, rank=0, world_size=1)
     warmup, clips, started, step = 3, 0, 0.0, 0
     while step < steps + warmup:
         for batch in loader:
             if step == warmup:
                 started = time.perf_counter()
-            out = model(batch["video"], step, decode_predictions=False)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))  # 0: off
-            optimizer.step()
+            train_step(batch["video"], step)
             clips += len(batch["key"]) if step >= warmup else 0
             step += 1
             if step == steps + warmup:
