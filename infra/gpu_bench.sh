@@ -2,7 +2,7 @@
 # `python -m kpscale.bench gpu` on a lent GPU machine (the device tool) whose Python (3.12, torch
 # with CUDA) lacks kpscale's lighter dependencies and reaches no network.
 #   bash infra/gpu_bench.sh prepare          # here: wheels into .whl/, DeepSpeed's package into .ds/
-#   bash infra/gpu_bench.sh run [ARGS]       # there, carrying .whl and .ds: bench gpu ARGS, 5-8 min
+#   bash infra/gpu_bench.sh run [ARGS]       # there, carrying .whl and .ds: bench gpu ARGS, at most 9 min
 # DeepSpeed is an sdist, so its installed package folder travels instead of a wheel. Ray and
 # MLflow are not needed (bench gpu imports neither). Figures land in $OUT/gpu_bench.json.
 set -euo pipefail
@@ -23,7 +23,9 @@ case "${1:-}" in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
     shift
-    timeout 540 python3 -m kpscale.bench --json "${OUT:-.}/gpu_bench.json" gpu "$@" ;;
+    # Larger budgets than the 5-minute default and batch 512 (the INT_MAX crash's): a lease's one run.
+    timeout 540 python3 -m kpscale.bench --json "${OUT:-.}/gpu_bench.json" gpu --batches 32,128,256,512 \
+      --budgets 200,90,30 "$@" ;;
   *)
     echo "usage: bash infra/gpu_bench.sh prepare | run [bench gpu arguments]" >&2
     exit 2 ;;

@@ -104,7 +104,13 @@ def test_gpu_benchmark_runs_every_part_small_on_the_cpu(tmp_path):
     assert all(case["of_bare"] > 0 for name, case in steps.items() if name.startswith("DeepSpeed"))
     assert set(figures["decode_frames_per_s"]) == {"yuv444p on cpu", "yuv420p on cpu"}
     assert min(figures["decode_frames_per_s"].values()) > 100
-    assert "clips/s" in result.stdout and "of bare" in result.stdout
+    reader = figures["reader"]  # what feeding the fastest case takes
+    fastest = max(steps, key=lambda name: steps[name]["clips_per_s"])
+    assert reader["fastest_case"] == fastest
+    assert reader["frames_per_s_needed"] == pytest.approx(steps[fastest]["clips_per_s"] * 8)  # TINY_MODEL's window
+    assert reader["cpu_decode_threads"] == pytest.approx(
+        reader["frames_per_s_needed"] / figures["decode_frames_per_s"]["yuv444p on cpu"])
+    assert "clips/s" in result.stdout and "of bare" in result.stdout and "CPU threads decoding" in result.stdout
 
 
 def test_dynamics_toy_and_its_baselines():

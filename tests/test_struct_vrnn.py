@@ -303,6 +303,10 @@ def test_schedules():
     assert cfg.p_true(4000) == pytest.approx((0.55, 0.75))
     assert cfg.p_true(8000) == pytest.approx((0.1, 0.5)) == cfg.p_true(50_000)
     assert linear_ramp(0, 0.0, 2.0, 0) == 2.0  # no ramp: the end value from the start
+    for step in (0, 500, 4000, 50_000):  # the training loop's step, a counter on the device
+        counter = torch.tensor(step)
+        assert cfg.kl_weight(counter).item() == pytest.approx(cfg.kl_weight(step))
+        assert [p.item() for p in cfg.p_true(counter)] == pytest.approx(cfg.p_true(step))
 
 
 @pytest.mark.parametrize("override, word", [

@@ -137,13 +137,15 @@ def test_checkpoint_resumes_exactly(tmp_path, stage, monkeypatch):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
-def test_a_compiled_engine_trains_as_the_eager_one_in_whole_graphs(monkeypatch):
-    """train.compile's engine.compile: the same parameters after steps that cross the end of the
-    KL and teacher-forcing ramps (each a recompile), and the step traced without a graph break
-    (a host read of a tensor in the step, as the exploration term's greedy assignment once had,
-    would break the graph and stall the GPU). aot_eager traces as inductor does without
-    generating kernels. The dynamics are deterministic here (Struct-RNN, teacher forcing
-    throughout): a traced graph may draw its random numbers in another order than eager."""
+def test_a_compiled_engine_trains_as_the_eager_one_in_one_graph(monkeypatch):
+    """train.compile's engine.compile, stepped as the loop steps it (the step a counter on the
+    device): the same parameters as an eager engine stepped with Python ints, after steps that
+    cross the end of the KL and teacher-forcing ramps, in one graph without a break. A graph
+    break (a host read of a tensor, as the exploration term's greedy assignment once made) would
+    stall the GPU; a second graph (the step as a Python int becomes a graph input) would make
+    CUDA graphs record anew at every step. aot_eager traces as inductor does without generating
+    kernels. The dynamics are deterministic here (Struct-RNN, teacher forcing throughout): a
+    traced graph may draw its random numbers in another order than eager."""
     import torch._dynamo
 
     _init_single_process(monkeypatch, 29710)
@@ -157,16 +159,28 @@ def test_a_compiled_engine_trains_as_the_eager_one_in_whole_graphs(monkeypatch):
     compiled.compile(backend="aot_eager")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    for engine in (eager, compiled):
+    for engine, as_tensor in ((eager, False), (compiled, True)):
         torch.manual_seed(5)
         for step, video in zip((1, 3, 6), batches):
-            out = engine(video, step, decode_predictions=False)
+            out = engine(video, torch.tensor(step) if as_tensor else step, decode_predictions=False)
             engine.backward(out["loss"])
             engine.step()
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
     for (name, a), b in zip(eager.module.named_parameters(), compiled.module.parameters()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_the_meter_sums_into_tensors_of_its_own():
+    """With CUDA graphs (train.compile_mode=reduce-overhead) a step's replay overwrites the last
+    step's outputs in place: the meter must not keep an output as its running sum."""
+    from kpscale.train.loop import Meter
+
+    meter, output = Meter(), torch.tensor(2.0)
+    meter.add(1, {"loss": output})
+    output.fill_(7.0)  # the next replay
+    meter.add(1, {"loss": output})
+    assert meter.sums["loss"].item() == 9.0
 
 
 def test_a_local_ray_beside_another_tells_its_workers_where_its_state_api_is():

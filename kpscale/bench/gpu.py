@@ -2,13 +2,15 @@
 within its own time budget so that the whole finishes in minutes on a lent GPU machine.
 
 - step: a bare loop (Adam, clipping, random clips already on the device) in fp32, bf16 autocast
-  and torch.compile'd bf16, per batch size: clips/s, the first steps' seconds (compilation),
-  peak memory, the fraction of the wall time the GPU runs kernels (torch.profiler), and the host
-  syncs a step makes (CUDA's sync debug mode). A batch that fails says why.
-- engine: the DeepSpeed engine kpscale.train builds (bf16, ZeRO-0/2), in this process without
-  Ray, against the bare bf16 loop at the same batch.
+  and torch.compile'd bf16, without and (on a GPU) with CUDA graphs, per batch size: clips/s,
+  the first steps' seconds (compilation), peak memory, the fraction of the wall time the GPU
+  runs kernels (torch.profiler), and the host syncs a step makes (CUDA's sync debug mode). A
+  batch that fails says why.
+- engine: the DeepSpeed engine kpscale.train builds (bf16, ZeRO-0/2, eager and compiled), in
+  this process without Ray, against the bare bf16 loop at the same batch.
 - decode: mp4 frames/s decoded by torchcodec on one CPU thread (the shards' yuv444p, and
-  yuv420p) and on the GPU (yuv420p: NVDEC cannot decode H.264 4:4:4).
+  yuv420p) and on the GPU (yuv420p: NVDEC cannot decode H.264 4:4:4); then what feeding the
+  fastest case takes (decoding threads, or the GPU decoder's share).
 
 Ray is not needed (the Ray Train path is `bench train`). `--device cpu` runs the same parts
 small, as a check of the command: none of its figures is a GPU's."""
@@ -30,7 +32,7 @@ from kpscale.train.config import TrainConfig, load_train_config
 from kpscale.train.engine import param_groups
 
 OFFICIAL = Path(__file__).resolve().parents[1] / "models" / "struct_vrnn" / "configs" / "paper_basketball.yaml"
-# Past every schedule's ramp (KL, teacher forcing): one compiled graph, the steady state's.
+# Past every schedule's ramp (KL, teacher forcing): the steady state's step.
 STEP = 10**6
 
 
@@ -111,33 +113,37 @@ def _peak_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
 
 
-def bare_step(cfg: TrainConfig, device: torch.device, bf16: bool = False, compiled: bool = False):
+def bare_step(cfg: TrainConfig, device: torch.device, bf16: bool = False, compiled: bool = False, first: int = 0):
     """The training step of a bare loop, without Ray or DeepSpeed: the config's model on `device`,
-    Adam over kpscale's parameter groups, clipping; `step(video, number)` trains on one batch.
-    `bench train` compares Ray Train + DeepSpeed with it, and so does this benchmark."""
+    Adam over kpscale's parameter groups, clipping; `step(video)` trains on one batch, counting
+    its steps from `first` on the device as kpscale.train does. `compiled`: with the config's
+    train.compile_backend and train.compile_mode. `bench train` compares Ray Train + DeepSpeed
+    with it, and so does this benchmark."""
     from kpscale.models import build_family
 
     torch.manual_seed(cfg.train.seed)
     model = build_family(cfg.model).root.to(device)
     if compiled:
-        model.compile(backend=cfg.train.compile_backend)
+        model.compile(backend=cfg.train.compile_backend, mode=cfg.train.compile_mode)
     optimiser = torch.optim.Adam(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
+    counter = torch.tensor(first, device=device)
 
-    def step(video: torch.Tensor, number: int) -> None:
+    def step(video: torch.Tensor) -> None:
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            loss = model(video, number, decode_predictions=False)["loss"]
+            loss = model(video, counter, decode_predictions=False)["loss"]
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))  # 0: off
         optimiser.step()
+        counter.add_(1)
     return step
 
 
 def _bare_step(cfg: TrainConfig, device: torch.device, bf16: bool, compiled: bool):
     """`bare_step` on random clips already on the device."""
-    step = bare_step(cfg, device, bf16, compiled)
+    step = bare_step(cfg, device, bf16, compiled, first=STEP)
     video = torch.rand(cfg.data.batch_size, cfg.window, 3, cfg.model.image_size, cfg.model.image_size, device=device)
-    return lambda: step(video, STEP)
+    return lambda: step(video)
 
 
 def _engine_step(cfg: TrainConfig, device: torch.device, compiled: bool):
@@ -149,13 +155,15 @@ def _engine_step(cfg: TrainConfig, device: torch.device, compiled: bool):
     family = build_family(cfg.model)
     engine = build_engine(family.optimiser("model"), cfg, bf16=True, steps=10**9)
     if compiled:
-        engine.compile(backend=cfg.train.compile_backend)
+        engine.compile(backend=cfg.train.compile_backend, compile_kwargs={"mode": cfg.train.compile_mode})
     video = torch.rand(cfg.data.batch_size, cfg.window, 3, cfg.model.image_size, cfg.model.image_size,
                        device=device, dtype=torch.bfloat16)
+    counter = torch.tensor(STEP, device=device)
 
     def step() -> None:
-        engine.backward(engine(video, STEP, decode_predictions=False)["loss"])
+        engine.backward(engine(video, counter, decode_predictions=False)["loss"])
         engine.step()
+        counter.add_(1)
     return step
 
 
@@ -252,41 +260,72 @@ def run(args: argparse.Namespace) -> dict:
           flush=True)
     results: dict[str, dict] = {}
     budget = Budget(args.budgets[0])
-    plan = [("fp32", batches[0], False, False)] + [("bf16", b, True, False) for b in batches] + \
-           [("bf16 compiled", b, True, True) for b in batches]
-    for precision, batch, bf16, compiled in plan:
+    modes = {" compiled": "default"}
+    if device.type == "cuda":  # torch.compile makes no CUDA graphs on the CPU
+        modes[" compiled, CUDA graphs"] = "reduce-overhead"
+    # Cheap cases first, then the compiled ones (a minute or more each) by how much they tell.
+    plan = [("fp32", batches[0], None)] + [("bf16", b, None) for b in batches] + \
+           [("bf16" + variant, b, mode) for b in dict.fromkeys([batches[0], batches[-1], *batches[1:-1]])
+            for variant, mode in modes.items()]
+    for precision, batch, mode in plan:
         name = f"bare {precision}, batch {batch}"
         if not budget.left():
             results[name] = {"error": "skipped: over the part's budget"}
             continue
-        print(f"{name} ...", flush=True)
-        cfg = config(batch)
-        results[name] = _case(lambda: _bare_step(cfg, device, bf16, compiled), batch, device, steps,
-                              warmup=3 if compiled else 2)
+        print(f"{name} ...", end=" ", flush=True)
+        cfg = config(batch, *([f"train.compile_mode={mode}"] if mode else []))
+        results[name] = _case(lambda: _bare_step(cfg, device, precision != "fp32", mode is not None), batch, device,
+                              steps, warmup=3 if mode else 2)
+        print(_brief(results[name]), flush=True)
     _init_single_process(device)
     budget = Budget(args.budgets[1])
-    engine_cases = dict.fromkeys([(0, batches[0], False), (2, batches[0], False), (2, batches[-1], False),
-                                  (2, batches[-1], True)])  # once each when there is one batch size
-    for zero, batch, compiled in engine_cases:
-        name = f"DeepSpeed bf16 ZeRO-{zero}{' compiled' if compiled else ''}, batch {batch}"
+    engine_cases = dict.fromkeys([(0, batches[0], ""), (2, batches[0], ""), (2, batches[-1], ""),
+                                  *((2, b, variant) for variant in modes for b in (batches[-1], batches[0]))])
+    for zero, batch, variant in engine_cases:  # once each when there is one batch size
+        name = f"DeepSpeed bf16 ZeRO-{zero}{variant}, batch {batch}"
         if not budget.left():
             results[name] = {"error": "skipped: over the part's budget"}
             continue
-        print(f"{name} ...", flush=True)
-        cfg = config(batch, f"train.zero_stage={zero}")
-        results[name] = _case(lambda: _engine_step(cfg, device, compiled), batch, device, steps,
-                              warmup=3 if compiled else 2)
-        bare = results.get(f"bare bf16{' compiled' if compiled else ''}, batch {batch}", {})
+        print(f"{name} ...", end=" ", flush=True)
+        cfg = config(batch, f"train.zero_stage={zero}", *([f"train.compile_mode={modes[variant]}"] if variant else []))
+        results[name] = _case(lambda: _engine_step(cfg, device, bool(variant)), batch, device, steps,
+                              warmup=3 if variant else 2)
+        print(_brief(results[name]), flush=True)
+        bare = results.get(f"bare bf16{variant}, batch {batch}", {})
         if "clips_per_s" in bare and "clips_per_s" in results[name]:
             results[name]["of_bare"] = results[name]["clips_per_s"] / bare["clips_per_s"]
     print("decoding ...", flush=True)
     decode = _decode_rates(device, Budget(args.budgets[2]))
-    _print(results, decode)
+    reader = _reader(results, decode, base.window)
+    _print(results, decode, reader)
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "steps": results,
-            "decode_frames_per_s": decode}
+            "decode_frames_per_s": decode, "reader": reader}
 
 
-def _print(results: dict[str, dict], decode: dict) -> None:
+def _reader(results: dict[str, dict], decode: dict, window: int) -> dict:
+    """What feeding the fastest case takes: its frames/s, and the CPU decode threads or the share
+    of the GPU's decoding that many frames/s needs."""
+    timed = {name: r["clips_per_s"] for name, r in results.items() if "clips_per_s" in r}
+    if not timed:
+        return {}
+    fastest = max(timed, key=timed.get)
+    needed = timed[fastest] * window
+    reader = {"fastest_case": fastest, "frames_per_s_needed": needed}
+    for name, key in (("yuv444p on cpu", "cpu_decode_threads"), ("yuv420p on cpu", "cpu_decode_threads_yuv420p"),
+                      ("yuv420p on cuda", "gpu_decode_share")):
+        if isinstance(decode.get(name), float):
+            reader[key] = needed / decode[name]
+    return reader
+
+
+def _brief(result: dict) -> str:
+    """A case's progress line, so that a run cut short by its time limit has said what it measured."""
+    if "error" in result:
+        return result["error"]
+    return f"{result['clips_per_s']:.1f} clips/s, first steps {result['first_steps_s']:.1f} s"
+
+
+def _print(results: dict[str, dict], decode: dict, reader: dict) -> None:
     def number(value, form: str) -> str:
         return "-" if value is None else format(value, form)
 
@@ -301,3 +340,11 @@ def _print(results: dict[str, dict], decode: dict) -> None:
     print("\ndecode (one CPU thread, or the GPU), frames/s:")
     for name, rate in decode.items():
         print(f"  {name:<20}{rate:>10.0f}" if isinstance(rate, float) else f"  {name:<20}{rate}")
+    if reader:
+        print(f"\nfeeding the fastest case ({reader['fastest_case']}) takes {reader['frames_per_s_needed']:,.0f} "
+              f"frames/s:", flush=True)
+        for key, what in (("cpu_decode_threads", "CPU threads decoding the shards' yuv444p"),
+                          ("cpu_decode_threads_yuv420p", "CPU threads decoding yuv420p"),
+                          ("gpu_decode_share", "of what the GPU decodes (yuv420p)")):
+            if key in reader:
+                print(f"  {reader[key]:.2f} {what}")

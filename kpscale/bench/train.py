@@ -51,7 +51,7 @@ def _bare_loop(cfg: TrainConfig, steps: int) -> float:
         for batch in loader:
             if step == warmup:
                 started = time.perf_counter()
-            train_step(batch["video"], step)
+            train_step(batch["video"])
             clips += len(batch["key"]) if step >= warmup else 0
             step += 1
             if step == steps + warmup:

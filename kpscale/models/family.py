@@ -67,11 +67,13 @@ class Family:
     def optimiser(self, name: str) -> Optimiser:
         raise NotImplementedError
 
-    def loss(self, stage: str, optimiser: str, engine, batch: dict[str, Tensor], step: int,
+    def loss(self, stage: str, optimiser: str, engine, batch: dict[str, Tensor], step: Tensor,
              outputs: dict[str, dict]) -> dict:
         """{"loss": scalar, "terms": {name: scalar}, ...} for `optimiser`, from one call of its
         `engine` (DeepSpeed's forward bookkeeping runs there). `outputs`: what the optimisers
-        before it returned this step; `step` counts from the run's start."""
+        before it returned this step; `step` counts from the run's start, a 0-d int64 tensor on
+        the batch's device: schedules computed from it stay on the device, and a compiled
+        step (CUDA graphs too) stays one graph as it advances."""
         raise NotImplementedError
 
     @classmethod

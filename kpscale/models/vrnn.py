@@ -89,19 +89,24 @@ class VRNNConfig(Config):
     def steps(self) -> int:
         return self.observed + self.predicted
 
-    def kl_weight(self, step: int) -> float:
+    def kl_weight(self, step: int | Tensor) -> float | Tensor:
         return linear_ramp(step, 0.0, self.beta, self.kl_anneal_steps)
 
-    def p_true(self, step: int) -> tuple[float, float]:
+    def p_true(self, step: int | Tensor) -> tuple[float | Tensor, float | Tensor]:
         """Teacher-forcing probability on (observed, predicted) steps."""
         n = self.scheduled_sampling_steps
         return (linear_ramp(step, 1.0, self.p_true_end_observed, n),
                 linear_ramp(step, 1.0, self.p_true_end_predicted, n))
 
 
-def linear_ramp(step: int, start: float, end: float, steps: int) -> float:
-    """`start` at step 0, `end` from `steps` on, linear between."""
-    return end if step >= steps else start + (end - start) * step / steps
+def linear_ramp(step: int | Tensor, start: float, end: float, steps: int) -> float | Tensor:
+    """`start` at step 0, `end` from `steps` on, linear between. `step` may be the training
+    loop's counter on the device: a compiled step then reads it as data, one graph for all
+    steps, where a Python int would be a graph input that CUDA graphs record anew per value."""
+    if steps == 0:
+        return end
+    done = step / steps
+    return start + (end - start) * (done.clamp(max=1) if torch.is_tensor(done) else min(done, 1))
 
 
 def sequence_l2(pred: Tensor, target: Tensor) -> Tensor:
@@ -150,14 +155,16 @@ class VRNN(nn.Module):
         self.decoder = nn.Sequential(nn.Linear(cfg.rnn_size + cfg.latent_size, cfg.hidden_size), nn.ReLU(),
                                      nn.Linear(cfg.hidden_size, state_size), nn.Tanh())
 
-    def forward(self, states: Tensor, steps: int, p_true: tuple[float, float] = (0.0, 0.0),
+    def forward(self, states: Tensor, steps: int, p_true: tuple[float | Tensor, float | Tensor] | None = None,
                 num_samples: int = 1, observed: int | None = None,
                 actions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Encoded states [B, T, ...] (keypoints [B, T, K, 3], or vectors [B, T, D]; T >=
         observed; they are the best-of-many and teacher-forcing targets while t < T) ->
         predicted states [B, steps, ...], the KL [B, observed] and the RNN state each step's
         prediction came from [B, steps, rnn_size] (the dynamics' latent state). Observed steps (the
-        config's unless given) sample the posterior, later steps the prior. `actions` [B, >= steps
+        config's unless given) sample the posterior, later steps the prior. `p_true`: teacher
+        forcing's probabilities on (observed, predicted) steps, a coin drawn even at 0 (so that a
+        probability on the device is never read on the host); None: none. `actions` [B, >= steps
         - 1, A] (an action-conditioned model's, checked by VRNNConfig.check_actions): the RNN reads
         step t's action with its state, so it moves the prediction of step t + 1."""
         b, known = states.shape[:2]
@@ -190,10 +197,12 @@ class VRNN(nn.Module):
                 last = pred
             elif t < observed and self.observed_input == "detected":
                 last = x[:, t]
+            elif p_true is None:
+                last = pred
             else:
                 p = p_true[0] if t < observed else p_true[1]
                 # One coin per sequence (official: one per batch), for less gradient noise.
-                last = torch.where(torch.rand(b, 1, device=x.device) < p, x[:, t], pred) if p > 0 else pred
+                last = torch.where(torch.rand(b, 1, device=x.device) < p, x[:, t], pred)
             if t < steps - 1:
                 h = self.rnn(torch.cat([last, z] + ([] if acted is None else [acted[:, t]]), -1), h)
         return (torch.stack(outputs, 1).unflatten(2, states.shape[2:]).float(), torch.stack(kls, 1),
@@ -231,7 +240,7 @@ class VRNNVideoModel(nn.Module):
         the representation has no keypoints."""
         return None
 
-    def forward(self, video: Tensor, step: int, decode_predictions: bool = True, actions: Tensor | None = None) -> dict:
+    def forward(self, video: Tensor, step: int | Tensor, decode_predictions: bool = True, actions: Tensor | None = None) -> dict:
         """video [B, T, 3, H, W] in [0, 1], T = observed + predicted; `step` drives the KL and
         scheduled-sampling schedules; `actions` [B, T, A]: the clip's, which an action-conditioned
         model needs (and any other ignores). In eval mode the dynamics use one sample and no
@@ -249,7 +258,7 @@ class VRNNVideoModel(nn.Module):
         reconstruction = self.render(states, frames[:, 0], states[:, 0])
         # The image model must not adopt the code of a half-trained dynamics model (paper, fn. 2).
         target = states.detach()
-        p_true = cfg.p_true(step) if self.training else (0.0, 0.0)
+        p_true = cfg.p_true(step) if self.training else None
         num_samples = cfg.num_samples if self.training else 1
         actions = cfg.check_actions(actions, len(video), cfg.steps)
         predicted, kl, _ = self.dynamics(target, cfg.steps, p_true, num_samples, actions=actions)

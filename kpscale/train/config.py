@@ -37,10 +37,12 @@ class TrainSection(Config):
     zero_stage: int = Field(2, ge=0, le=3)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     # torch.compile each engine's module; None: on GPU, where fusing the dynamics' many small
-    # kernels pays, not on CPU, where compiling takes minutes. Each schedule (KL, teacher forcing)
-    # that ends recompiles once.
+    # kernels pays, not on CPU, where compiling takes minutes.
     compile: bool | None = None
     compile_backend: str = "inductor"  # aot_eager traces without generating kernels: a quick check
+    # torch.compile's mode: "reduce-overhead" replays each step's kernels as CUDA graphs (GPU only;
+    # whether it pays with DeepSpeed's engine is for `python -m kpscale.bench gpu` to say).
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     lr: float = Field(1e-3, gt=0)
     lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
     warmup_steps: int = Field(100, ge=1)  # DeepSpeed's warmup schedules refuse 0

@@ -90,7 +90,7 @@ def train_loop(config: dict) -> None:
             engines = {name: build_engine(optimiser, cfg, bf16, section.steps) for name, optimiser in optimisers.items()}
             if compiled:
                 for engine in engines.values():
-                    engine.compile(backend=cfg.train.compile_backend)
+                    engine.compile(backend=cfg.train.compile_backend, compile_kwargs={"mode": cfg.train.compile_mode})
             if folder and index == first:
                 state = checkpoint.load(engines, folder, rank)
                 # Resume at the next epoch: the step counter, optimizers, schedules and RNG continue;
@@ -117,8 +117,10 @@ def train_loop(config: dict) -> None:
                 log.info("training %s on %d clips (%d batches per epoch per rank) with %d workers, ZeRO-%d, %s%s, "
                          "%d torch threads per worker%s", what, loader.num_samples, len(loader), world,
                          cfg.train.zero_stage, "bf16" if bf16 else "fp32",
-                         f", compiled ({cfg.train.compile_backend}; the first steps compile)" if compiled else "",
+                         f", compiled ({cfg.train.compile_backend}, {cfg.train.compile_mode}; the first steps compile)"
+                         if compiled else "",
                          torch.get_num_threads(), f"; {', '.join(frozen)} frozen" if frozen else "")
+            clock = torch.tensor(step, device=device)  # `step` for the families (Family.loss), kept on the device
             while step < ends[index]:
                 loader.set_epoch(epoch)
                 fetch = time.perf_counter()
@@ -127,8 +129,9 @@ def train_loop(config: dict) -> None:
                     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                     if "video" in batch:
                         batch["video"] = batch["video"].to(dtype)
-                    outputs = optimiser_steps(family, stage.name, engines, trainable, batch, step)
+                    outputs = optimiser_steps(family, stage.name, engines, trainable, batch, clock)
                     step += 1
+                    clock += 1
                     meter.add(len(batch["key"]), _terms(outputs))
                     end = step == ends[index]
                     if step % cfg.train.log_every == 0 or end:
@@ -189,7 +192,7 @@ def _check_disjoint(optimisers: dict, family: str) -> None:
                                  "another optimiser trains must be borrowed (kpscale.models.family.borrow)")
 
 
-def optimiser_steps(family, stage: str, engines: dict, trainable: dict[str, list], batch: dict, step: int) -> dict:
+def optimiser_steps(family, stage: str, engines: dict, trainable: dict[str, list], batch: dict, step: torch.Tensor) -> dict:
     """One step of each of the stage's optimisers, in order; returns what each loss returned.
     Only the stepping optimiser's parameters take a gradient from its loss, which may run
     through the others' modules (Lightning's toggle_optimizer)."""
@@ -242,8 +245,8 @@ class Meter:
         self.steps += 1
         self.clips += clips
         for name, value in terms.items():
-            value = value.detach().float()
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
+            # A new tensor, never the step's output itself: a CUDA graph's replay overwrites its outputs.
+            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
 
     def log(self, loader: ClipLoader, step: int, rank: int, lrs: dict[str, float], child: str | None) -> dict[str, float]:
         """Collective: throughput and skipped clips are totals over ranks. Returns the metrics
