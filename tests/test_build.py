@@ -52,6 +52,25 @@ def test_build_is_deterministic_across_process_counts(basketball, tmp_path):
     assert _digests(again) == _digests(basketball)
 
 
+def test_workers_0_under_ray_job_submit_builds_one_shard_per_cpu_of_the_cluster(basketball, tmp_path, monkeypatch,
+                                                                                caplog):
+    """With RAY_ADDRESS set (the session's head, as under `ray job submit`), workers=0 sizes the
+    build by the cluster's CPUs, not by the cores of the machine that submitted it (one here)."""
+    import logging
+
+    import ray
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    card = load(DatasetCard, CARD, ["splits.train=50", "splits.test=10", "clips_per_shard=16",
+                                    "clip_length=20", "workers=0"])
+    with caplog.at_level(logging.INFO, "kpscale.data"):
+        build(card, tmp_path / "out", progress=False)
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    cpus = int(ray.cluster_resources()["CPU"])
+    ray.shutdown()
+    assert f"the cluster has {cpus} CPUs: {min(cpus, 5)} Ray tasks at a time" in caplog.text, caplog.text
+    assert _digests(tmp_path / "out") == _digests(basketball)
+
+
 def test_other_card_in_same_folder_is_refused(basketball):
     card = load(DatasetCard, CARD, ["splits.train=50", "splits.test=10", "clips_per_shard=16", "clip_length=24"])
     with pytest.raises(ConfigError, match="clip_length"):

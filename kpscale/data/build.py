@@ -64,10 +64,11 @@ def _write(card_json: str, root: str | None, split: str, specs: list, path: str)
     return write_shard(Path(path), clips, card.name, card.encoding)
 
 
-def _run_on_ray(card_json: str, root: str | None, jobs: list, workers: int) -> Iterator[tuple[str, list[dict]]]:
-    """Write the shards of `jobs` as Ray tasks, at most `workers` at a time; yield (split, rows)
-    as each finishes. Joins the Ray this process already uses, or the cluster of RAY_ADDRESS
-    (set inside `ray job submit`), else starts a local Ray of `workers` CPUs, stopped at the end."""
+def _run_on_ray(card_json: str, root: str | None, jobs: list, workers: int | None) -> Iterator[tuple[str, list[dict]]]:
+    """Write the shards of `jobs` as Ray tasks, at most `workers` at a time (None: one per CPU of
+    the cluster); yield (split, rows) as each finishes. Joins the Ray this process already uses,
+    or the cluster of RAY_ADDRESS (set inside `ray job submit`), else starts a local Ray of
+    `workers` CPUs, stopped at the end."""
     import ray
 
     started = not ray.is_initialized()
@@ -75,6 +76,10 @@ def _run_on_ray(card_json: str, root: str | None, jobs: list, workers: int) -> I
         local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": workers}
         ray.init(**local, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                  configure_logging=True)
+    if workers is None:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        workers = min(cpus, len(jobs))
+        log.info("the cluster has %d CPUs: %d Ray tasks at a time", cpus, workers)
     task = ray.remote(num_cpus=1, max_retries=0)(_write)
     queue, pending = list(jobs), {}
     try:
@@ -115,8 +120,11 @@ def build(card: DatasetCard, out: str | Path, root: str | Path | None = None, pr
     resumed = sum(len(r) for r in rows.values())
     if resumed:
         log.info("resuming: %d of %d clips already in %s", resumed, total, out)
-    workers = min(card.workers or os.cpu_count() or 1, max(len(jobs), 1))
-    where = "in this process" if workers == 1 else f"in {workers} Ray tasks at a time"
+    if card.workers or not os.environ.get("RAY_ADDRESS") or len(jobs) <= 1:
+        workers = min(card.workers or os.cpu_count() or 1, max(len(jobs), 1))
+        where = "in this process" if workers == 1 else f"in {workers} Ray tasks at a time"
+    else:  # 0 under `ray job submit`: one per CPU of the cluster, not of the machine that submitted
+        workers, where = None, "in Ray tasks on the cluster"
     log.info("building %s: %d clips in %d shards %s", card.name, total - resumed, len(jobs), where)
     card_json = card.model_dump_json()
     with tqdm(total=total, initial=resumed, desc=f"building {card.name}", unit="clip", disable=not progress) as bar:

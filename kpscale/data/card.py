@@ -143,7 +143,9 @@ class DatasetCard(Config):
     splits: dict[str, int] = {}  # clips per split, for generated sources
     seed: int = 0
     clips_per_shard: int = Field(100, ge=1)
-    workers: int = Field(0, ge=0)  # shards built at once; 1: in this process, more: Ray tasks; 0: one per CPU core
+    # Shards built at once; 1: in this process, more: Ray tasks; 0: one per CPU core (of the
+    # cluster under `ray job submit`, where RAY_ADDRESS is set).
+    workers: int = Field(0, ge=0)
     encoding: Encoding = Encoding()
     basketball: BasketballOptions = BasketballOptions()
     moving_mnist: MovingMnistOptions = MovingMnistOptions()
