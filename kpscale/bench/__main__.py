@@ -20,7 +20,8 @@ BENCHES = {
     "evaluate": "kpscale.evaluate clips/s with N samples: in-process, with I3D, over Ray",
     "dynamics": "the VRNN alone on ground-truth bouncing dots vs holding still and constant velocity",
     "swap": "DrNet: digits decoded with another clip's pose, located against both clips' coords",
-    "gpu": "the training step on a GPU: fp32/bf16/compile by batch, DeepSpeed vs bare, busy fraction, decode",
+    "gpu": "the training step on a GPU: fp32/bf16/compile/CUDA graphs by batch, DeepSpeed vs bare, busy fraction, "
+           "host syncs, decode and what feeding the fastest case takes",
 }
 
 
