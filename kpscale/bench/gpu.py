@@ -302,6 +302,12 @@ def run(args: argparse.Namespace) -> dict:
             "decode_frames_per_s": decode, "reader": reader}
 
 
+# (decode case, the reader's key, what its figure counts): the decoders the fastest case would need.
+READER_SHARES = (("yuv444p on cpu", "cpu_decode_threads", "CPU threads decoding the shards' yuv444p"),
+                 ("yuv420p on cpu", "cpu_decode_threads_yuv420p", "CPU threads decoding yuv420p"),
+                 ("yuv420p on cuda", "gpu_decode_share", "of what the GPU decodes (yuv420p)"))
+
+
 def _reader(results: dict[str, dict], decode: dict, window: int) -> dict:
     """What feeding the fastest case takes: its frames/s, and the CPU decode threads or the share
     of the GPU's decoding that many frames/s needs."""
@@ -311,8 +317,7 @@ def _reader(results: dict[str, dict], decode: dict, window: int) -> dict:
     fastest = max(timed, key=timed.get)
     needed = timed[fastest] * window
     reader = {"fastest_case": fastest, "frames_per_s_needed": needed}
-    for name, key in (("yuv444p on cpu", "cpu_decode_threads"), ("yuv420p on cpu", "cpu_decode_threads_yuv420p"),
-                      ("yuv420p on cuda", "gpu_decode_share")):
+    for name, key, _ in READER_SHARES:
         if isinstance(decode.get(name), float):
             reader[key] = needed / decode[name]
     return reader
@@ -343,8 +348,6 @@ def _print(results: dict[str, dict], decode: dict, reader: dict) -> None:
     if reader:
         print(f"\nfeeding the fastest case ({reader['fastest_case']}) takes {reader['frames_per_s_needed']:,.0f} "
               f"frames/s:", flush=True)
-        for key, what in (("cpu_decode_threads", "CPU threads decoding the shards' yuv444p"),
-                          ("cpu_decode_threads_yuv420p", "CPU threads decoding yuv420p"),
-                          ("gpu_decode_share", "of what the GPU decodes (yuv420p)")):
+        for _, key, what in READER_SHARES:
             if key in reader:
                 print(f"  {reader[key]:.2f} {what}")
